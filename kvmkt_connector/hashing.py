@@ -1,0 +1,108 @@
+"""Block keys: names for full KV blocks that every vLLM instance computes the same way.
+
+vLLM 0.26's own ``request.block_hashes`` start from a seed drawn from ``os.urandom`` unless
+PYTHONHASHSEED is set, and they omit model identity, so two instances rarely agree on them.
+We compute our own keys instead:
+
+    root   = SHA-256("kvmkt/block-keys/v1" | namespace | scope)
+    key[i] = SHA-256(root | tokens[0 : (i+1)*block_size])[:16]
+
+``namespace`` is the compatibility fingerprint's digest (see ``compat``), so KV that is not
+interchangeable never shares a key. ``scope`` holds what else changes the KV of the same
+tokens: the cache salt and the LoRA adapter's name and path. Tokens are hashed as
+little-endian uint32. A key commits to the whole prefix, so equal keys mean equal prefixes
+(128-bit, collision resistant), and a prefix match is a run of equal keys from block 0.
+
+A running hash gives key i+1 from key i's state in one block's worth of work, and
+``PrefixKeys`` keeps that state so a request's keys are extended, never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+from collections.abc import Sequence
+
+import msgspec
+
+KEY_BYTES = 16
+HASH_SCHEME = "sha256-prefix-v1"
+_DOMAIN = b"kvmkt/block-keys/v1\x00"
+
+if array("I").itemsize != 4:  # pragma: no cover - every mainstream platform has 4-byte 'I'
+    raise ImportError("kvmkt_connector.hashing needs a 4-byte array('I')")
+
+
+class KeyScope(msgspec.Struct, frozen=True, array_like=True):
+    """What, besides the tokens and the namespace, changes a prefix's KV."""
+
+    cache_salt: str | None = None
+    lora_name: str | None = None
+    lora_path: str | None = None
+
+
+def _token_bytes(token_ids: Sequence[int]) -> bytes:
+    arr = array("I", token_ids)
+    if sys.byteorder != "little":  # pragma: no cover
+        arr.byteswap()
+    return arr.tobytes()
+
+
+class BlockKeyer:
+    """Makes ``PrefixKeys`` for one namespace and block size."""
+
+    def __init__(self, namespace: bytes, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.namespace = bytes(namespace)
+        self.block_size = block_size
+
+    def root(self, scope: KeyScope) -> bytes:
+        return hashlib.sha256(
+            _DOMAIN + self.namespace + b"\x00" + msgspec.msgpack.encode(scope)
+        ).digest()
+
+    def start(self, scope: KeyScope) -> PrefixKeys:
+        return PrefixKeys(self.root(scope), self.block_size)
+
+    def keys(self, token_ids: Sequence[int], scope: KeyScope = KeyScope()) -> list[bytes]:
+        """Keys of every full block of ``token_ids`` (convenience for tests and tools)."""
+        prefix = self.start(scope)
+        prefix.extend(token_ids)
+        return prefix.keys
+
+
+class PrefixKeys:
+    """The keys of one growing token sequence (a request's prompt, then its output)."""
+
+    __slots__ = ("keys", "_block_size", "_hasher", "_num_tokens")
+
+    def __init__(self, root: bytes, block_size: int) -> None:
+        self.keys: list[bytes] = []
+        self._block_size = block_size
+        self._hasher = hashlib.sha256(root)
+        self._num_tokens = 0  # tokens folded into _hasher, always whole blocks
+
+    @property
+    def num_tokens(self) -> int:
+        return self._num_tokens
+
+    def extend(self, token_ids: Sequence[int], upto: int | None = None) -> list[bytes]:
+        """Hash the full blocks of ``token_ids[:upto]`` not hashed yet; return all keys.
+
+        ``token_ids`` is the whole sequence so far, not just the new tokens, and must extend
+        the sequence of earlier calls: the part already hashed is not read again.
+        """
+        end = len(token_ids) if upto is None else min(upto, len(token_ids))
+        end -= end % self._block_size
+        if end <= self._num_tokens:
+            return self.keys
+        data = _token_bytes(token_ids[self._num_tokens : end])
+        step = 4 * self._block_size
+        update, copy, append = self._hasher.update, self._hasher.copy, self.keys.append
+        for off in range(0, len(data), step):
+            update(data[off : off + step])
+            append(copy().digest()[:KEY_BYTES])
+        self._num_tokens = end
+        return self.keys

@@ -1,0 +1,231 @@
+"""Wire protocol of the node-local prefix registry.
+
+Transport: an owner-only Unix stream socket. Each message is a frame: a 4-byte big-endian
+length, then that many bytes of msgpack (msgspec) holding one tagged Struct below. A client
+sends one request and reads one reply; requests on one connection are answered in order.
+
+Every connection starts with ``Hello``; a wrong ``protocol_version`` gets an
+``ErrorReply(code="bad_version")`` and the connection is closed. A frame longer than
+``MAX_FRAME_BYTES`` or a payload that does not decode gets ``ErrorReply(code="bad_frame")``
+and a closed connection (the stream can no longer be trusted); a request that decodes but
+makes no sense (e.g. ``Publish`` from a connection that is not a holder) gets an
+``ErrorReply`` and the connection stays open. The service keeps serving everyone else.
+
+Concepts:
+- namespace: 16 bytes, the compatibility fingerprint's digest. Entries of different
+  namespaces never match.
+- key: 16 bytes naming a full KV block (see ``kvmkt_connector.hashing``); keys already
+  include the namespace, so a key is unique node-wide.
+- holder: a connection that registered with ``RegisterHolder`` (one vLLM instance). Its
+  entries and the leases on them vanish when the connection closes (process death).
+- location: an int that only the holder's transport understands (a page slot or block id).
+- descriptor: opaque bytes from the holder's transport telling importers how to reach its
+  pages (shm path, CUDA IPC handles ...). The registry stores and returns it untouched.
+- lease: a promise that the leased entries' locations are not released (so not reused by
+  their holder) before ``expires_at_ns`` (CLOCK_MONOTONIC) or an explicit release.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 8 << 20
+FRAME_HEADER_BYTES = 4
+KEY_BYTES = 16
+NAMESPACE_BYTES = 16
+MAX_HOLDERS = 64  # holder bits of the shared-memory lookup table
+
+
+class _Msg(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
+    pass
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Hello(_Msg, tag="hello"):
+    protocol_version: int
+    client: str  # free text for logs and `kvmkt status`
+    pid: int
+
+
+class RegisterHolder(_Msg, tag="register_holder"):
+    """Make this connection a holder of KV pages in ``namespace``."""
+
+    namespace: bytes
+    name: str
+    pid: int
+    fingerprint: bytes  # the holder's full compat fingerprint (opaque), for diagnostics
+    descriptor: bytes  # opaque transport descriptor handed to importers with each lease
+    cleanup_paths: list[str] = []  # files the registry unlinks if this holder dies
+
+
+class Publish(_Msg, tag="publish"):
+    """List (key -> location) entries of the calling holder."""
+
+    keys: list[bytes]
+    locations: list[int]
+
+
+class Lookup(_Msg, tag="lookup"):
+    """Longest run of ``keys`` (from keys[0]) that one holder other than the caller has."""
+
+    namespace: bytes
+    keys: list[bytes]
+
+
+class Lease(_Msg, tag="lease"):
+    """Lookup plus a lease on the run found, if it has at least ``min_blocks`` entries."""
+
+    namespace: bytes
+    keys: list[bytes]
+    ttl_ms: int
+    min_blocks: int = 1
+
+
+class ReleaseLeases(_Msg, tag="release_leases"):
+    lease_ids: list[int]
+
+
+class Reclaim(_Msg, tag="reclaim"):
+    """Release up to ``count`` of the caller's least recently leased, unleased entries."""
+
+    count: int
+
+
+class Unpublish(_Msg, tag="unpublish"):
+    """Withdraw the caller's entries at ``locations``; leased ones are released later."""
+
+    locations: list[int]
+
+
+class Sync(_Msg, tag="sync"):
+    """Collect the caller's locations the registry released since the last reply."""
+
+
+class ListHolders(_Msg, tag="list_holders"):
+    pass
+
+
+class Status(_Msg, tag="status"):
+    pass
+
+
+Request = (
+    Hello
+    | RegisterHolder
+    | Publish
+    | Lookup
+    | Lease
+    | ReleaseLeases
+    | Reclaim
+    | Unpublish
+    | Sync
+    | ListHolders
+    | Status
+)
+
+# ---------------------------------------------------------------- replies
+
+
+class HelloReply(_Msg, tag="hello_reply"):
+    protocol_version: int
+    server_pid: int
+    lookup_table_path: str  # shared-memory lookup table (read-only for clients), "" if none
+
+
+class HolderAccepted(_Msg, tag="holder_accepted"):
+    holder_id: int
+    holder_bit: int  # this holder's bit in the lookup table's holder masks
+
+
+class Published(_Msg, tag="published"):
+    accepted: int
+    released: list[int]  # caller's locations no longer listed: reusable by the caller now
+
+
+class LookupResult(_Msg, tag="lookup_result"):
+    holder_id: int | None
+    num_blocks: int
+
+
+class LeaseGranted(_Msg, tag="lease_granted"):
+    lease_id: int
+    holder_id: int
+    holder_name: str
+    descriptor: bytes
+    locations: list[int]  # one per leased key, in key order
+    expires_at_ns: int  # time.monotonic_ns() deadline
+
+
+class NoMatch(_Msg, tag="no_match"):
+    pass
+
+
+class Ok(_Msg, tag="ok"):
+    pass
+
+
+class Reclaimed(_Msg, tag="reclaimed"):
+    released: list[int]
+
+
+class Unpublished(_Msg, tag="unpublished"):
+    released: list[int]  # reusable now
+    pending: int  # leased; their locations come back in a later reply's ``released``
+
+
+class Synced(_Msg, tag="synced"):
+    released: list[int]
+
+
+class HolderInfo(msgspec.Struct):
+    holder_id: int
+    name: str
+    pid: int
+    namespace: bytes
+    fingerprint: bytes
+    published_blocks: int
+    leased_blocks: int
+
+
+class HolderList(_Msg, tag="holder_list"):
+    holders: list[HolderInfo]
+
+
+class RegistryStatus(_Msg, tag="registry_status"):
+    server_pid: int
+    uptime_s: float
+    capacity_blocks: int
+    published_blocks: int
+    active_leases: int
+    holders: list[HolderInfo]
+    lookups: int
+    lease_requests: int
+    leases_granted: int
+    blocks_leased: int
+    blocks_released_lru: int
+    holders_lost: int
+
+
+class ErrorReply(_Msg, tag="error"):
+    code: str  # bad_frame | bad_version | no_hello | not_holder | bad_request | full
+    message: str
+
+
+Reply = (
+    HelloReply
+    | HolderAccepted
+    | Published
+    | LookupResult
+    | LeaseGranted
+    | NoMatch
+    | Ok
+    | Reclaimed
+    | Unpublished
+    | Synced
+    | HolderList
+    | RegistryStatus
+    | ErrorReply
+)
