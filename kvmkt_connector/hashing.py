@@ -4,7 +4,7 @@ vLLM 0.26's own ``request.block_hashes`` start from a seed drawn from ``os.urand
 PYTHONHASHSEED is set, and they omit model identity, so two instances rarely agree on them.
 We compute our own keys instead:
 
-    root   = SHA-256("kvmkt/block-keys/v1" | namespace | scope)
+    root   = SHA-256("kvmkt/block-keys/v1" | msgpack(namespace, block_size, scope))
     key[i] = SHA-256(root | tokens[0 : (i+1)*block_size])[:16]
 
 ``namespace`` is the compatibility fingerprint's digest (see ``compat``), so KV that is not
@@ -59,9 +59,8 @@ class BlockKeyer:
         self.block_size = block_size
 
     def root(self, scope: KeyScope) -> bytes:
-        return hashlib.sha256(
-            _DOMAIN + self.namespace + b"\x00" + msgspec.msgpack.encode(scope)
-        ).digest()
+        header = msgspec.msgpack.encode((self.namespace, self.block_size, scope))
+        return hashlib.sha256(_DOMAIN + header).digest()
 
     def start(self, scope: KeyScope) -> PrefixKeys:
         return PrefixKeys(self.root(scope), self.block_size)

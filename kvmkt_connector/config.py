@@ -1,0 +1,72 @@
+"""``kv_connector_extra_config`` keys of MarketplaceConnector, with their defaults.
+
+Every key is optional; README.md documents each one. Unknown keys and wrong types are
+rejected at startup with a message naming the key, so a typo never silently disables sharing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    # Registry: where instances meet. None -> $KVMKT_REGISTRY_SOCKET, $XDG_RUNTIME_DIR/kvmkt/
+    # registry.sock or /tmp/kvmkt-<uid>/registry.sock. Started on demand unless disabled.
+    registry_socket: str | None = None
+    registry_autostart: bool = True
+    registry_timeout_ms: int = 1000
+    # How long to stay away from an unreachable registry before trying again.
+    registry_retry_s: float = 5.0
+    # How often the scheduler collects pages the registry let go (ms).
+    registry_sync_interval_ms: int = 200
+
+    # What this instance does; kv_role narrows it further (producer: export, consumer: import).
+    enable_import: bool = True
+    enable_export: bool = True
+    # Name shown by `kvmkt status`; default: "<host>:<pid>/<engine id prefix>".
+    instance_name: str | None = None
+
+    # Import policy.
+    min_import_tokens: int = 32  # smaller matches are recomputed (not worth a round trip)
+    lease_ttl_s: float = 30.0  # how long a holder keeps leased pages for us
+    # A lease with less than this left when its copy is issued counts as lost.
+    lease_margin_s: float = 5.0
+
+    # Transport: "auto" picks cuda_ipc between GPUs with peer access, else host_shm.
+    transport: Literal["auto", "host_shm", "cuda_ipc"] = "auto"
+    # host_shm: bytes of the export region per worker (capped at half the free /dev/shm).
+    host_region_bytes: int = 1 << 30
+    # cuda_ipc: at most this fraction of the KV cache blocks stays pinned for importers.
+    max_pinned_fraction: float = 0.25
+
+    # Testing only: let requests ask for corrupted imports (negative controls).
+    allow_fault_injection: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("registry_timeout_ms", self.registry_timeout_ms > 0),
+            ("registry_retry_s", self.registry_retry_s >= 0),
+            ("registry_sync_interval_ms", self.registry_sync_interval_ms >= 0),
+            ("min_import_tokens", self.min_import_tokens >= 1),
+            ("lease_ttl_s", self.lease_ttl_s > 0),
+            ("lease_margin_s", 0 <= self.lease_margin_s < self.lease_ttl_s),
+            ("host_region_bytes", self.host_region_bytes >= 0),
+            ("max_pinned_fraction", 0.0 <= self.max_pinned_fraction <= 0.9),
+        ]
+        bad = [name for name, ok in checks if not ok]
+        if bad:
+            raise ValueError(f"invalid kv_connector_extra_config value for {', '.join(bad)}")
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> MarketplaceConfig:
+        try:
+            return msgspec.convert(extra or {}, cls, strict=False)
+        except (msgspec.ValidationError, ValueError) as e:
+            raise ValueError(f"MarketplaceConnector: bad kv_connector_extra_config: {e}") from e
+
+
+def describe_defaults() -> dict[str, Any]:
+    """Key -> default, for `kvmkt config` and the README."""
+    return msgspec.structs.asdict(MarketplaceConfig())

@@ -1,0 +1,230 @@
+"""Scheduler side, exporting: offer our computed prefix blocks to other instances.
+
+When a request finishes we publish its full, computed blocks. What keeps a published page
+valid while someone may read it depends on the transport:
+
+- ``staged`` (host_shm): the worker copies the blocks into slots of a shared export region.
+  The blocks are pinned (``BlockPool.touch``) only until that copy is done; the slots are
+  what we publish.
+- ``in place`` (cuda_ipc): importers read our KV cache directly, so the published blocks
+  stay pinned until the registry lets them go. At most ``max_pinned_fraction`` of the cache
+  is pinned; beyond that the registry's least recently leased entries are reclaimed. Pinned
+  blocks stay in our own prefix cache, so they still serve us too.
+
+Either way we reuse a location only after the registry released it, and the registry never
+releases a leased entry: that is the whole lifetime protocol. If the registry is lost,
+leases it granted may still be running, so everything we had published is quarantined for
+``lease_ttl_s`` before reuse.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.metadata import SaveJob
+from kvmkt_connector.connector.registry_link import RegistryLink
+from kvmkt_connector.hashing import PrefixKeys
+from kvmkt_connector.logs import get_logger
+from kvmkt_connector.metrics import MarketplaceStats
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import KVCacheBlock
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+class ExportLedger:
+    def __init__(
+        self,
+        cfg: MarketplaceConfig,
+        block_size: int,
+        link: RegistryLink,
+        stats: MarketplaceStats,
+        pool: BlockPool,
+        staged_slots: int | None,
+    ) -> None:
+        """``staged_slots``: slots of the export region (host_shm), None for in-place export."""
+        self._cfg = cfg
+        self._bs = block_size
+        self._link = link
+        self._stats = stats
+        self._pool = pool
+        self.staged = staged_slots is not None
+        self._capacity = (
+            staged_slots if staged_slots is not None
+            else int(cfg.max_pinned_fraction * pool.num_gpu_blocks)
+        )
+        self._free_slots = list(range(staged_slots or 0))[::-1]  # pop() gives slot 0 first
+        self._location_of: dict[bytes, int] = {}  # published or being staged
+        self._key_at: dict[int, bytes] = {}
+        self._pinned: dict[int, KVCacheBlock] = {}  # in place: location == block id
+        self._staging: dict[int, tuple[list[KVCacheBlock], list[bytes], list[int]]] = {}
+        self._pending_jobs: list[SaveJob] = []
+        self._quarantine: list[tuple[float, list[int]]] = []
+        self._quarantined: set[int] = set()
+        self._generation = link.generation
+        self._next_job = 0
+        self._next_sync = 0.0
+
+    # ------------------------------------------------------------ export
+
+    def on_request_finished(self, request: Request, block_ids: list[int], keys: PrefixKeys) -> None:
+        # Blocks below the last sampled token are computed and final (see README: lifetime).
+        done_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        n = min(len(block_ids), done_tokens // self._bs)
+        if n == 0 or not self._registry_current():
+            return
+        all_keys = keys.extend(request.all_token_ids, upto=n * self._bs)[:n]
+        new = [i for i in range(n) if all_keys[i] not in self._location_of]
+        # Only a prefix is useful to importers: keep the first blocks that fit.
+        new = new[: self._make_room(len(new))]
+        if not new:
+            return
+        new_keys = [all_keys[i] for i in new]
+        blocks = [self._pool.blocks[block_ids[i]] for i in new]
+        self._pool.touch(blocks)  # pin: not reused while staged / published
+        if self.staged:
+            slots = [self._free_slots.pop() for _ in new]
+            job = SaveJob(self._next_job, [block_ids[i] for i in new], slots, new_keys)
+            self._next_job += 1
+            self._staging[job.job_id] = (blocks, new_keys, slots)
+            self._pending_jobs.append(job)
+            self._remember(new_keys, slots)
+        else:
+            locations = [b.block_id for b in blocks]
+            for b in blocks:
+                self._pinned[b.block_id] = b
+            self._remember(new_keys, locations)
+            self._publish(new_keys, locations)
+        self._update_gauges()
+
+    def _make_room(self, wanted: int) -> int:
+        short = wanted - (self._capacity - self._used())
+        if short > 0:
+            released = self._link.call(lambda c: c.reclaim(short))
+            if released:
+                self._forget(released)
+        return max(0, min(wanted, self._capacity - self._used()))
+
+    def _used(self) -> int:
+        return len(self._key_at) + len(self._quarantined)
+
+    def _remember(self, keys: list[bytes], locations: list[int]) -> None:
+        for key, loc in zip(keys, locations, strict=True):
+            self._location_of[key] = loc
+            self._key_at[loc] = key
+
+    def _publish(self, keys: list[bytes], locations: list[int]) -> None:
+        released = self._link.call(lambda c: c.publish(keys, locations))
+        if released is None:  # not listed anywhere: take the pages back at once
+            self._forget(locations)
+            return
+        self._stats.count("exported_blocks", len(keys))
+        if released:
+            self._forget(released)
+
+    def has_pending(self) -> bool:
+        return bool(self._pending_jobs or self._staging)
+
+    def take_jobs(self) -> list[SaveJob]:
+        jobs, self._pending_jobs = self._pending_jobs, []
+        return jobs
+
+    def on_saves_done(self, job_ids: list[int], failed: bool = False) -> None:
+        for job_id in job_ids:
+            staged = self._staging.pop(job_id, None)
+            if staged is None:
+                continue
+            blocks, keys, slots = staged
+            self._pool.free_blocks(blocks)  # the slots hold a copy now
+            if failed:
+                self._forget(slots)
+            else:
+                self._publish(keys, slots)
+        self._update_gauges()
+
+    # ------------------------------------------------------------ release
+
+    def _forget(self, locations: list[int]) -> None:
+        """The registry no longer lists these locations: they are ours to reuse."""
+        unpin = []
+        for loc in locations:
+            key = self._key_at.pop(loc, None)
+            if key is not None:
+                self._location_of.pop(key, None)
+            elif loc in self._quarantined:
+                self._quarantined.discard(loc)
+            else:
+                continue  # not held (already released): never free a location twice
+            if self.staged:
+                self._free_slots.append(loc)
+            elif loc in self._pinned:
+                unpin.append(self._pinned.pop(loc))
+        if unpin:
+            self._pool.free_blocks(unpin)
+        self._stats.count("released_blocks", len(locations))
+
+    def _registry_current(self) -> bool:
+        """False while the registry is unreachable; after a reconnect, quarantine the past."""
+        if self._link.call(lambda c: True) is None:
+            return False
+        if self._link.generation != self._generation:
+            self._generation = self._link.generation
+            gone = [loc for loc in self._key_at if loc not in self._staging_slots()]
+            if gone:
+                logger.warning(
+                    "kvmkt: the registry was replaced; %d exported pages stay untouched for "
+                    "%.0f s in case an importer still reads them", len(gone), self._cfg.lease_ttl_s,
+                )
+                for loc in gone:
+                    self._location_of.pop(self._key_at.pop(loc), None)
+                self._quarantined.update(gone)
+                self._quarantine.append((time.monotonic() + self._cfg.lease_ttl_s, gone))
+        return True
+
+    def _staging_slots(self) -> set[int]:
+        return {s for _, _, slots in self._staging.values() for s in slots}
+
+    def tick(self) -> None:
+        """Once per scheduler step: collect released pages, end quarantines (rate-limited)."""
+        now = time.monotonic()
+        if now < self._next_sync:
+            return
+        self._next_sync = now + self._cfg.registry_sync_interval_ms / 1000
+        while self._quarantine and self._quarantine[0][0] <= now:
+            self._forget(self._quarantine.pop(0)[1])
+        if self._key_at and self._registry_current():
+            released = self._link.call(lambda c: c.sync())
+            if released:
+                self._forget(released)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        pinned = len(self._pinned) + sum(len(b) for b, _, _ in self._staging.values())
+        self._stats.gauge("pinned_blocks", pinned)
+        self._stats.gauge("exported_pages", len(self._key_at))
+
+    def withdraw_all(self) -> bool:
+        """Unpublish everything (reset_cache); False if leased pages must stay for now."""
+        locations = [loc for loc in self._key_at if loc not in self._staging_slots()]
+        if not locations:
+            return True
+        result = self._link.call(lambda c: c.unpublish(locations))
+        if result is None:
+            return False
+        released, pending = result
+        self._forget(released)
+        self._update_gauges()
+        return pending == 0
+
+    def shutdown(self) -> None:
+        """Engine exit: our connection closing withdraws everything from the registry."""
+        pins = list(self._pinned.values()) + [b for blocks, _, _ in self._staging.values() for b in blocks]
+        if pins:
+            self._pool.free_blocks(pins)
+        self._pinned.clear()
+        self._staging.clear()

@@ -1,0 +1,152 @@
+"""MarketplaceConnector: the class vLLM instantiates; a thin facade over one half.
+
+vLLM builds one SCHEDULER-role instance in EngineCore and one WORKER-role instance per
+worker process. Each builds only its half (``MarketplaceScheduler`` or
+``MarketplaceWorker``) and forwards the hooks of that role; the other role's hooks are
+never called on it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata, MarketplaceHandshake
+from kvmkt_connector.logs import get_logger
+from kvmkt_connector.metrics import MarketplacePromMetrics, MarketplaceStats
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+class MarketplaceConnector(KVConnectorBase_V1):
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        tc = self._kv_transfer_config
+        cfg = MarketplaceConfig.from_extra_config(tc.kv_connector_extra_config)
+        self._scheduler = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from kvmkt_connector.connector.scheduler import MarketplaceScheduler
+
+            if tc.kv_load_failure_policy != "recompute":
+                # A failed import must cost a recompute, never the request. vLLM reads this
+                # setting right after building the scheduler-side connector.
+                tc.kv_load_failure_policy = "recompute"
+                logger.info("kvmkt: kv_load_failure_policy set to 'recompute' (was 'fail')")
+            self._scheduler = MarketplaceScheduler(vllm_config, cfg, kv_cache_config)
+        else:
+            from kvmkt_connector.connector.worker import MarketplaceWorker
+
+            export = cfg.enable_export and tc.kv_role in ("kv_producer", "kv_both")
+            self._worker = MarketplaceWorker(vllm_config, cfg, kv_cache_config.num_blocks, export)
+
+    # ================================================================ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self._worker.handshake() if self._worker is not None else None
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, MarketplaceConnectorMetadata)
+        self._worker.run_jobs(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kw: Any
+    ) -> None:
+        return  # exports copy finished blocks in start_load_kv, not layer by layer
+
+    def wait_for_save(self) -> None:
+        return
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self):
+        return self._worker.take_worker_meta() if self._worker is not None else None
+
+    def get_kv_connector_stats(self) -> MarketplaceStats | None:
+        half = self._worker or self._scheduler
+        return half.take_stats() if half is not None else None
+
+    def shutdown(self) -> None:
+        half = self._worker or self._scheduler
+        if half is not None:
+            half.shutdown()
+
+    # ================================================================ scheduler side
+
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        self._scheduler.bind_gpu_block_pool(gpu_block_pool)
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        handshakes = {r: m for r, m in metadata.items() if isinstance(m, MarketplaceHandshake)}
+        self._scheduler.set_handshakes(handshakes)
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
+        self._scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler.build_connector_meta()
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        self._scheduler.update_connector_output(connector_output)
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return False, self._scheduler.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        # Exports are copied one step after their request finished; keep the engine
+        # stepping until they are published, even when no request is left.
+        return self._scheduler is not None and self._scheduler.has_pending_exports()
+
+    def reset_cache(self) -> bool | None:
+        return self._scheduler.reset_cache() if self._scheduler is not None else None
+
+    # ================================================================ metrics
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> MarketplaceStats:
+        return MarketplaceStats(data=data) if data is not None else MarketplaceStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return MarketplacePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -1,0 +1,83 @@
+"""Messages between the scheduler-side and worker-side halves of the connector.
+
+Scheduler -> workers, every step: ``MarketplaceConnectorMetadata`` (pickled by vLLM).
+Workers -> scheduler, every step: ``MarketplaceWorkerMetadata`` (summed across TP ranks).
+Workers -> scheduler, once at startup: ``MarketplaceHandshake`` (vLLM's handshake channel).
+
+Jobs carry ids so completion can be counted per rank: a job is done when every rank says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import msgspec
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+from kvmkt_connector.compat import KVLayoutSpec
+
+
+class LoadJob(msgspec.Struct, frozen=True):
+    """Copy a holder's pages into our blocks, before this step's forward reads them."""
+
+    job_id: int
+    holder_id: int
+    descriptor: bytes  # HolderDescriptor of the holder (opaque here)
+    src: list[int]  # holder's locations, one per block
+    dst: list[int]  # our block ids, same order
+    keys: list[bytes]  # block keys, for transports that can verify what they read
+    fault: str | None = None  # fault injection (tests): "zero" | "reverse"
+
+
+class SaveJob(msgspec.Struct, frozen=True):
+    """Copy our (pinned) blocks into export slots so other instances can read them."""
+
+    job_id: int
+    src: list[int]  # our block ids
+    dst: list[int]  # export slots
+    keys: list[bytes]
+
+
+@dataclass
+class MarketplaceConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadJob] = field(default_factory=list)
+    saves: list[SaveJob] = field(default_factory=list)
+
+
+@dataclass
+class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
+    """Job ids each rank finished this step, with how many ranks did (summed on aggregate)."""
+
+    loads_done: dict[int, int] = field(default_factory=dict)
+    saves_done: dict[int, int] = field(default_factory=dict)
+    saves_failed: dict[int, int] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> MarketplaceWorkerMetadata:
+        assert isinstance(other, MarketplaceWorkerMetadata)
+        out = MarketplaceWorkerMetadata(
+            dict(self.loads_done), dict(self.saves_done), dict(self.saves_failed)
+        )
+        for mine, theirs in (
+            (out.loads_done, other.loads_done),
+            (out.saves_done, other.saves_done),
+            (out.saves_failed, other.saves_failed),
+        ):
+            for job_id, count in theirs.items():
+                mine[job_id] = mine.get(job_id, 0) + count
+        return out
+
+
+@dataclass
+class MarketplaceHandshake(KVConnectorHandshakeMetadata):
+    """What a worker tells the scheduler once its KV cache is registered."""
+
+    tp_rank: int
+    layout: KVLayoutSpec | None  # None: this worker cannot share (see ``problem``)
+    descriptor: bytes | None  # msgpack RankDescriptor of our pages, when exporting
+    export_slots: int  # host_shm: slots in our export region; 0 otherwise
+    transport: str  # "host_shm" | "cuda_ipc" | ""
+    problem: str = ""

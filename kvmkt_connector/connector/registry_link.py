@@ -1,0 +1,131 @@
+"""The scheduler's connection to the node-local registry.
+
+The registry is an optimisation, never a dependency: when it cannot be reached every call
+here returns ``None`` (the caller falls back to normal prefill), and the link stays away for
+``registry_retry_s`` before trying again, so a dead registry costs one timeout per retry
+period, not one per request. After a reconnect the holder registers again; ``generation``
+tells the exporter that everything it had published is gone.
+"""
+
+from __future__ import annotations
+
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.logs import get_logger
+from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.client import RegistryClient, RegistryError, RegistryUnavailable
+
+logger = get_logger(__name__)
+T = TypeVar("T")
+
+
+class HolderRegistration:
+    def __init__(
+        self, namespace: bytes, name: str, fingerprint: bytes, descriptor: bytes,
+        cleanup_paths: list[str],
+    ) -> None:
+        self.namespace, self.name = namespace, name
+        self.fingerprint, self.descriptor = fingerprint, descriptor
+        self.cleanup_paths = cleanup_paths
+
+
+class RegistryLink:
+    def __init__(self, cfg: MarketplaceConfig, client_name: str, stats: MarketplaceStats) -> None:
+        self._cfg = cfg
+        self._client_name = client_name
+        self._stats = stats
+        self._client: RegistryClient | None = None
+        self._retry_at = 0.0
+        self._holder: HolderRegistration | None = None
+        self.generation = 0  # bumped on every (re)registration as holder
+        self.lost_at: float | None = None  # monotonic time the last connection was lost
+
+    def set_holder(self, registration: HolderRegistration) -> None:
+        """Register as holder now (if connected) and again after every reconnect."""
+        self._holder = registration
+        if self._client is not None:
+            self._register(self._client)
+
+    @property
+    def holder_id(self) -> int | None:
+        return self._client.holder_id if self._client is not None else None
+
+    def _register(self, client: RegistryClient) -> None:
+        h = self._holder
+        assert h is not None
+        client.register_holder(h.namespace, h.name, h.fingerprint, h.descriptor, h.cleanup_paths)
+        self.generation += 1
+        logger.info("kvmkt: registered with the registry as holder %d (%s)", client.holder_id, h.name)
+
+    def _connected(self) -> RegistryClient | None:
+        if self._client is not None:
+            return self._client
+        now = time.monotonic()
+        if now < self._retry_at:
+            return None
+        try:
+            client = RegistryClient.connect(
+                self._cfg.registry_socket,
+                client_name=self._client_name,
+                autostart=self._cfg.registry_autostart,
+                timeout_s=self._cfg.registry_timeout_ms / 1000,
+            )
+            self._client = client
+            if self._holder is not None:
+                self._register(client)
+        except (RegistryUnavailable, RegistryError, OSError) as e:
+            self._down(f"cannot use the registry: {e}")
+            return None
+        return self._client
+
+    def _down(self, why: str) -> None:
+        if self._client is not None:
+            self.lost_at = time.monotonic()
+            try:
+                self._client.close()
+            except Exception:
+                pass
+        self._client = None
+        self._retry_at = time.monotonic() + self._cfg.registry_retry_s
+        logger.warning(
+            "kvmkt: %s; sharing is off for %.0f s (requests prefill normally)",
+            why, self._cfg.registry_retry_s,
+        )
+
+    def call(self, fn: Callable[[RegistryClient], T]) -> T | None:
+        """``fn(client)``, or None if the registry is unreachable or refuses."""
+        client = self._connected()
+        if client is None:
+            self._stats.count("fallback_registry_unavailable")
+            return None
+        try:
+            return fn(client)
+        except RegistryUnavailable as e:
+            self._down(f"lost the registry: {e}")
+        except RegistryError as e:
+            logger.warning("kvmkt: registry refused a request: %s", e)
+        self._stats.count("fallback_registry_unavailable")
+        return None
+
+    def hint(self, keys: list[bytes]) -> int:
+        """Shared-memory longest-run hint (no round trip); 0 when unknown."""
+        client = self._connected()
+        if client is None:
+            return 0
+        try:
+            return client.longest_run_hint(keys)
+        except Exception as e:  # a torn or re-mapped table: the lease would decide anyway
+            logger.debug("kvmkt: lookup hint failed: %s", e)
+            return 0
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None

@@ -1,0 +1,219 @@
+"""Scheduler side: wires the registry link, the import planner and the export ledger.
+
+Nothing is shared until every worker has reported its KV layout (handshake): only then is
+the compatibility fingerprint complete, and with it the namespace of our keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from kvmkt_connector.compat import (
+    CompatFingerprint,
+    fingerprint_from_vllm_config,
+    sharing_blockers,
+)
+from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.exporter import ExportLedger
+from kvmkt_connector.connector.importer import ImportPlanner
+from kvmkt_connector.connector.metadata import (
+    MarketplaceConnectorMetadata,
+    MarketplaceHandshake,
+    MarketplaceWorkerMetadata,
+)
+from kvmkt_connector.connector.registry_link import HolderRegistration, RegistryLink
+from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
+from kvmkt_connector.logs import get_logger
+from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.transport.descriptors import HolderDescriptor, HostShmDescriptor
+
+if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+_NEIGHBOUR_CHECK_S = 10.0
+
+
+def request_scope(request: Request) -> KeyScope | None:
+    """What besides its tokens determines a request's KV; None: do not share it."""
+    if request.mm_features or request.prompt_embeds is not None or request.pooling_params:
+        return None  # multimodal/embedding inputs are not covered by token keys
+    lora = request.lora_request
+    if lora is None:
+        return KeyScope(request.cache_salt)
+    return KeyScope(request.cache_salt, lora.lora_name, lora.lora_path)
+
+
+class MarketplaceScheduler:
+    def __init__(self, vllm_config: Any, cfg: MarketplaceConfig, kv_cache_config: Any) -> None:
+        self._cfg = cfg
+        role = vllm_config.kv_transfer_config.kv_role
+        self._import = cfg.enable_import and role in ("kv_consumer", "kv_both")
+        self._export = cfg.enable_export and role in ("kv_producer", "kv_both")
+        self._block_size = vllm_config.cache_config.block_size
+        self._world = vllm_config.parallel_config.world_size
+        self._base_fp = fingerprint_from_vllm_config(vllm_config)
+        self._blockers = sharing_blockers(self._base_fp, len(kv_cache_config.kv_cache_groups))
+        if self._blockers:
+            logger.warning("kvmkt: sharing disabled: %s", "; ".join(self._blockers))
+        engine = vllm_config.kv_transfer_config.engine_id
+        self._name = cfg.instance_name or f"{socket.gethostname()}:{os.getpid()}/{engine[:8]}"
+        self.stats = MarketplaceStats()
+        self._link = RegistryLink(cfg, self._name, self.stats)
+        self._pool: BlockPool | None = None
+        self._fp: CompatFingerprint | None = None
+        self._namespace = b""
+        self._keyer: BlockKeyer | None = None
+        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats)
+        self._ledger: ExportLedger | None = None
+        self._keys: dict[str, PrefixKeys] = {}
+        self._job_counts: dict[tuple[str, int], int] = {}
+        self._warned_holders: set[int] = set()
+        self._next_neighbour_check = 0.0
+
+    # ------------------------------------------------------------ startup
+
+    def bind_gpu_block_pool(self, pool: BlockPool) -> None:
+        self._pool = pool
+
+    def set_handshakes(self, handshakes: dict[int, MarketplaceHandshake]) -> None:
+        if self._blockers:
+            return
+        problems = [f"rank {r}: {h.problem}" for r, h in handshakes.items() if h.problem]
+        layouts = {h.layout for h in handshakes.values()}
+        if problems or len(handshakes) != self._world or None in layouts or len(layouts) != 1:
+            why = "; ".join(problems) or f"workers reported layouts {layouts}"
+            logger.warning("kvmkt: sharing disabled: %s", why)
+            return
+        self._fp = self._base_fp.with_layout(layouts.pop())
+        self._namespace = self._fp.digest()
+        self._keyer = BlockKeyer(self._namespace, self._block_size)
+        logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
+        ranks = [handshakes[r] for r in range(self._world)]
+        if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
+            rank_desc = [msgspec.msgpack.decode(h.descriptor, type=HostShmDescriptor) for h in ranks]
+            self._link.set_holder(
+                HolderRegistration(
+                    namespace=self._namespace,
+                    name=self._name,
+                    fingerprint=msgspec.msgpack.encode(self._fp),
+                    descriptor=HolderDescriptor(rank_desc).encode(),
+                    cleanup_paths=[d.path for d in rank_desc],
+                )
+            )
+            slots = min(h.export_slots for h in ranks)
+            self._ledger = ExportLedger(
+                self._cfg, self._block_size, self._link, self.stats, self._pool, slots
+            )
+        self._check_neighbours()
+
+    def _check_neighbours(self) -> None:
+        """Say once per holder why we do not share with it (the user's first question)."""
+        self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
+        holders = self._link.call(lambda c: c.list_holders())
+        for h in holders or ():
+            if h.namespace == self._namespace or h.holder_id in self._warned_holders:
+                continue
+            self._warned_holders.add(h.holder_id)
+            self.stats.count("fallback_incompatible")
+            try:
+                theirs = msgspec.msgpack.decode(h.fingerprint, type=CompatFingerprint)
+                diff = self._fp.describe_differences(theirs) if self._fp else "?"
+            except msgspec.DecodeError:
+                diff = "an unreadable fingerprint (other kvmkt version?)"
+            logger.warning(
+                "kvmkt: not sharing KV with %s (pid %d): not interchangeable: %s",
+                h.name, h.pid, diff,
+            )
+
+    # ------------------------------------------------------------ per request
+
+    def _prefix_keys(self, request: Request, scope: KeyScope) -> PrefixKeys:
+        keys = self._keys.get(request.request_id)
+        if keys is None:
+            assert self._keyer is not None
+            keys = self._keys[request.request_id] = self._keyer.start(scope)
+        return keys
+
+    def get_num_new_matched_tokens(self, request: Request, num_local: int) -> tuple[int, bool]:
+        if not self._import or self._keyer is None or request.skip_reading_prefix_cache:
+            return 0, False
+        scope = request_scope(request)
+        if scope is None:
+            self.stats.count("fallback_incompatible")
+            return 0, False
+        keys = self._prefix_keys(request, scope)
+        return self._planner.match(request, keys, self._namespace, num_local), False
+
+    def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
+        self._planner.on_alloc(request, block_ids, n_ext)
+
+    def build_connector_meta(self) -> MarketplaceConnectorMetadata:
+        if self._ledger is not None:
+            self._ledger.tick()
+        if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
+            self._check_neighbours()
+        saves = self._ledger.take_jobs() if self._ledger is not None else []
+        return MarketplaceConnectorMetadata(loads=self._planner.take_jobs(), saves=saves)
+
+    def update_connector_output(self, output: KVConnectorOutput) -> None:
+        meta = output.kv_connector_worker_meta
+        if isinstance(meta, MarketplaceWorkerMetadata):
+            self._planner.on_jobs_done(self._complete("load", meta.loads_done))
+            if self._ledger is not None:
+                self._ledger.on_saves_done(self._complete("save", meta.saves_done))
+                self._ledger.on_saves_done(self._complete("save", meta.saves_failed), failed=True)
+        if output.invalid_block_ids:
+            self.stats.count("fallback_load_error", len(output.invalid_block_ids))
+            # vLLM's "recompute" policy keeps the blocks cached while it recomputes them;
+            # make sure no other request reads them from the prefix cache meanwhile.
+            if self._pool is not None:
+                self._pool.evict_blocks(set(output.invalid_block_ids))
+
+    def _complete(self, kind: str, counts: dict[int, int]) -> list[int]:
+        """Job ids every worker has now reported for ``kind``."""
+        done = []
+        for job_id, n in counts.items():
+            total = self._job_counts.pop((kind, job_id), 0) + n
+            if total >= self._world:
+                done.append(job_id)
+            else:
+                self._job_counts[(kind, job_id)] = total
+        return done
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
+        imported = self._planner.on_request_finished(request.request_id)
+        keys = self._keys.pop(request.request_id, None)
+        if self._ledger is not None and self._keyer is not None and block_ids:
+            scope = request_scope(request)
+            if scope is not None:
+                if keys is None:
+                    keys = self._keyer.start(scope)
+                self._ledger.on_request_finished(request, block_ids, keys)
+        if self._keyer is None:
+            return None
+        return {"kvmkt": {"imported_tokens": imported}}
+
+    # ------------------------------------------------------------ lifecycle
+
+    def take_stats(self) -> MarketplaceStats | None:
+        return self.stats.take()
+
+    def has_pending_exports(self) -> bool:
+        return self._ledger is not None and self._ledger.has_pending()
+
+    def reset_cache(self) -> bool:
+        return self._ledger.withdraw_all() if self._ledger is not None else True
+
+    def shutdown(self) -> None:
+        self._planner.shutdown()
+        if self._ledger is not None:
+            self._ledger.shutdown()
+        self._link.close()

@@ -1,0 +1,144 @@
+"""One vLLM engine (``vllm.LLM``) in its own process group, driven over a pipe.
+
+Tests, the demo and the benchmarks run several engines side by side, as separate
+processes, exactly like separate ``vllm serve`` instances would be; killing one (the whole
+group: front end, EngineCore, workers) is how fault tests make an exporter die.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    imported_tokens: int  # from the connector's kv_transfer_params; -1: connector off
+    first_logprob: float | None
+    seconds: float  # wall time of the generate call this completion came from
+
+
+def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path: str | None) -> None:
+    os.setpgrp()  # our own group: kill() takes EngineCore and workers with us
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    os.environ.update(env)
+    try:
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(**llm_kwargs)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            cmd, args = conn.recv()
+        except EOFError:
+            break
+        try:
+            if cmd == "generate":
+                prompts, max_tokens, logprobs, params = args
+                sps = []
+                for p in params or [None] * len(prompts):
+                    extra = {"kv_transfer_params": p} if p else None
+                    sps.append(SamplingParams(
+                        max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                        detokenize=False, logprobs=logprobs, extra_args=extra,
+                    ))
+                t0 = time.perf_counter()
+                outs = llm.generate(
+                    [{"prompt_token_ids": list(p)} for p in prompts], sps, use_tqdm=False
+                )
+                dt = time.perf_counter() - t0
+                result = []
+                for o in outs:
+                    c = o.outputs[0]
+                    kvp = (o.kv_transfer_params or {}).get("kvmkt")
+                    lp = None
+                    if logprobs is not None and c.logprobs:
+                        lp = float(c.logprobs[0][c.token_ids[0]].logprob)
+                    imported = kvp["imported_tokens"] if kvp else -1
+                    result.append(Completion(list(c.token_ids), imported, lp, dt))
+                conn.send(("ok", result))
+            elif cmd == "metrics":
+                conn.send(("ok", [(m.name, getattr(m, "value", None)) for m in llm.get_metrics()]))
+            elif cmd == "reset_prefix_cache":
+                conn.send(("ok", llm.reset_prefix_cache()))
+            elif cmd == "stop":
+                conn.send(("ok", None))
+                break
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+    sys.exit(0)
+
+
+class EngineProcess:
+    def __init__(
+        self, llm_kwargs: dict[str, Any], env: dict[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, llm_kwargs, env or {}, log_path))
+        self.log_path = log_path
+        self._proc.start()
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        if not self._conn.poll(timeout_s):
+            self.kill()
+            raise TimeoutError(f"engine not ready after {timeout_s} s (log: {self.log_path})")
+        status, payload = self._conn.recv()
+        if status != "ready":
+            raise RuntimeError(f"engine failed to start:\n{payload}")
+
+    def _call(self, cmd: str, args: Any = None, timeout_s: float = 600) -> Any:
+        self._conn.send((cmd, args))
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"engine did not answer {cmd!r} in {timeout_s} s")
+        status, payload = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"engine failed on {cmd!r}:\n{payload}")
+        return payload
+
+    def generate(
+        self, prompts: list[list[int]], max_tokens: int = 8, logprobs: int | None = None,
+        params: list[dict[str, Any] | None] | None = None,
+    ) -> list[Completion]:
+        return self._call("generate", (prompts, max_tokens, logprobs, params))
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self._call("metrics"))
+
+    def reset_prefix_cache(self) -> bool:
+        return self._call("reset_prefix_cache")
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL the engine's whole process group (front end, EngineCore, workers)."""
+        if self._proc.pid is not None:
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self._proc.join(10)
+
+    def stop(self) -> None:
+        try:
+            self._call("stop", timeout_s=60)
+            self._proc.join(60)
+        except Exception:
+            pass
+        self.kill()

@@ -1,0 +1,184 @@
+"""Host shared-memory transport: pages staged in a file under /dev/shm.
+
+The exporting worker copies the pages it publishes from its KV cache into *slots* of its
+region (its KV cache is private memory); importing workers map the file and copy slots into
+their own KV cache. This is the path for CPU engines and for GPUs without peer access.
+
+File layout: a header page, a key table (16 bytes per slot), then for each KV segment an
+array ``(num_slots, segment_bytes)``, each 4 KiB aligned. A slot's key is cleared before its
+pages are rewritten and set after, so an importer that sees the expected key before and after
+its copy knows the slot held that key's pages throughout. Leases already forbid reuse while
+an import runs; the key check turns a broken promise into a load error instead of wrong KV.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import numpy as np
+import torch
+
+from kvmkt_connector.transport.descriptors import HostShmDescriptor, TransferError
+from kvmkt_connector.transport.layout import KVPageLayout
+
+KEY_BYTES = 16
+_MAGIC = b"KVMKTHR1"
+_HEADER = struct.Struct("<8sIQ")  # magic, version, num_slots
+_VERSION = 1
+_ALIGN = 4096
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _file_size(num_slots: int, segment_bytes: list[int]) -> tuple[int, list[int]]:
+    offset = _align(_HEADER.size) + _align(num_slots * KEY_BYTES)
+    offsets = []
+    for nbytes in segment_bytes:
+        offsets.append(offset)
+        offset += _align(num_slots * nbytes)
+    return offset, offsets
+
+
+def slots_for_budget(budget_bytes: int, segment_bytes: list[int], path_dir: str) -> int:
+    """How many slots fit the byte budget and half of the free space where the file goes."""
+    per_slot = sum(segment_bytes) + KEY_BYTES
+    st = os.statvfs(path_dir)
+    free = st.f_bavail * st.f_frsize
+    return max(0, min(budget_bytes, free // 2) // per_slot)
+
+
+class HostPageRegion:
+    """A mapped region file; ``keys`` and ``segments`` are views into the shared memory."""
+
+    def __init__(self, descriptor: HostShmDescriptor, fd: int, owner: bool) -> None:
+        self.descriptor = descriptor
+        self.owner = owner
+        size, offsets = _file_size(descriptor.num_slots, descriptor.segment_bytes)
+        try:
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        magic, version, num_slots = _HEADER.unpack_from(self._mmap, 0)
+        if owner:
+            _HEADER.pack_into(self._mmap, 0, _MAGIC, _VERSION, descriptor.num_slots)
+        elif (magic, version, num_slots) != (_MAGIC, _VERSION, descriptor.num_slots):
+            self._mmap.close()
+            raise TransferError(f"{descriptor.path} is not a matching kvmkt page region")
+        key_off = _align(_HEADER.size)
+        self.keys = np.frombuffer(
+            self._mmap, dtype=np.uint8, count=descriptor.num_slots * KEY_BYTES, offset=key_off
+        ).reshape(descriptor.num_slots, KEY_BYTES)
+        self.segments = [
+            torch.frombuffer(self._mmap, dtype=torch.uint8, count=descriptor.num_slots * n, offset=o)
+            .view(descriptor.num_slots, n)
+            for n, o in zip(descriptor.segment_bytes, offsets, strict=True)
+        ]
+
+    @classmethod
+    def create(cls, path: str, num_slots: int, segment_bytes: list[int]) -> HostPageRegion:
+        size, _ = _file_size(num_slots, segment_bytes)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)  # sparse: memory is committed as slots are written
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        return cls(HostShmDescriptor(path, num_slots, list(segment_bytes)), fd, owner=True)
+
+    @classmethod
+    def open(cls, descriptor: HostShmDescriptor) -> HostPageRegion:
+        try:
+            fd = os.open(descriptor.path, os.O_RDWR)
+        except OSError as e:
+            raise TransferError(f"cannot open page region {descriptor.path}: {e}") from e
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_size < _file_size(
+            descriptor.num_slots, descriptor.segment_bytes
+        )[0]:
+            os.close(fd)
+            raise TransferError(f"{descriptor.path} is not a page region of this user")
+        return cls(descriptor, fd, owner=False)
+
+    def close(self) -> None:
+        self.keys = None  # type: ignore[assignment]
+        self.segments = []
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # a view is still alive somewhere; the mapping goes with the process
+        if self.owner:
+            try:
+                os.unlink(self.descriptor.path)
+            except FileNotFoundError:
+                pass
+
+
+def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(ids, dtype=torch.int64, device=device)
+
+
+class HostShmExporter:
+    """Worker side of an exporting instance: KV cache pages -> region slots."""
+
+    def __init__(self, layout: KVPageLayout, region: HostPageRegion) -> None:
+        if region.descriptor.segment_bytes != layout.segment_bytes:
+            raise ValueError("page region does not match the KV layout")
+        self.layout, self.region = layout, region
+
+    def save(self, block_ids: list[int], slots: list[int], keys: list[bytes]) -> None:
+        slot_idx = np.asarray(slots, dtype=np.int64)
+        self.region.keys[slot_idx] = 0  # invalidate before rewriting
+        blocks = _index(block_ids, self.layout.device)
+        slots_t = _index(slots, torch.device("cpu"))
+        for view, staged in zip(self.layout.views, self.region.segments, strict=True):
+            staged.index_copy_(0, slots_t, view.index_select(0, blocks).cpu())
+        self.region.keys[slot_idx] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
+
+
+class HostShmImporter:
+    """Worker side of an importing instance: holders' region slots -> KV cache pages."""
+
+    def __init__(self, layout: KVPageLayout) -> None:
+        self.layout = layout
+        self._regions: dict[str, HostPageRegion] = {}
+
+    def _region(self, descriptor: HostShmDescriptor) -> HostPageRegion:
+        region = self._regions.get(descriptor.path)
+        if region is None or region.descriptor != descriptor:
+            if region is not None:
+                region.close()
+            if descriptor.segment_bytes != self.layout.segment_bytes:
+                raise TransferError("holder's page segments differ from ours")
+            region = self._regions[descriptor.path] = HostPageRegion.open(descriptor)
+        return region
+
+    def load(
+        self, descriptor: HostShmDescriptor, slots: list[int], keys: list[bytes], block_ids: list[int]
+    ) -> None:
+        region = self._region(descriptor)
+        if max(slots) >= descriptor.num_slots or min(slots) < 0:
+            raise TransferError("slot out of range")
+        slot_idx = np.asarray(slots, dtype=np.int64)
+        expected = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
+        if not np.array_equal(region.keys[slot_idx], expected):
+            raise TransferError("holder's slots no longer hold the leased pages")
+        blocks = _index(block_ids, self.layout.device)
+        slots_t = _index(slots, torch.device("cpu"))
+        for view, staged in zip(self.layout.views, region.segments, strict=True):
+            view.index_copy_(0, blocks, staged.index_select(0, slots_t).to(view.device))
+        if not np.array_equal(region.keys[slot_idx], expected):
+            raise TransferError("holder rewrote slots during the copy")
+
+    def forget(self, path: str) -> None:
+        region = self._regions.pop(path, None)
+        if region is not None:
+            region.close()
+
+    def close(self) -> None:
+        for path in list(self._regions):
+            self.forget(path)

@@ -1,0 +1,22 @@
+import pytest
+
+from kvmkt_connector.config import MarketplaceConfig, describe_defaults
+
+
+def test_defaults_and_overrides():
+    cfg = MarketplaceConfig.from_extra_config({"lease_ttl_s": 10, "transport": "host_shm"})
+    assert cfg.lease_ttl_s == 10 and cfg.transport == "host_shm"
+    assert MarketplaceConfig.from_extra_config(None) == MarketplaceConfig()
+    assert describe_defaults()["min_import_tokens"] == 32
+
+
+@pytest.mark.parametrize("extra, word", [
+    ({"lease_ttl": 5}, "lease_ttl"),  # typo: unknown key is named
+    ({"transport": "nvlink"}, "transport"),
+    ({"min_import_tokens": "many"}, "min_import_tokens"),
+    ({"lease_ttl_s": 5, "lease_margin_s": 6}, "lease_margin_s"),
+    ({"max_pinned_fraction": 1.5}, "max_pinned_fraction"),
+])
+def test_bad_config_is_refused_with_the_key_named(extra, word):
+    with pytest.raises(ValueError, match=word):
+        MarketplaceConfig.from_extra_config(extra)
