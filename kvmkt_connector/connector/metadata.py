@@ -30,7 +30,7 @@ class LoadJob(msgspec.Struct, frozen=True):
     src: list[int]  # holder's locations, one per block
     dst: list[int]  # our block ids, same order
     keys: list[bytes]  # block keys, for transports that can verify what they read
-    fault: str | None = None  # fault injection (tests): "zero" | "reverse"
+    fault: str | None = None  # "lease_lost", or a test fault: "zero" | "first_page"
 
 
 class SaveJob(msgspec.Struct, frozen=True):

@@ -77,7 +77,7 @@ class RegistryLink:
             self._client = client
             if self._holder is not None:
                 self._register(client)
-        except (RegistryUnavailable, RegistryError, OSError) as e:
+        except Exception as e:  # unreachable, refused, unsafe socket dir: never fatal
             self._down(f"cannot use the registry: {e}")
             return None
         return self._client

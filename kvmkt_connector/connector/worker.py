@@ -176,8 +176,9 @@ class MarketplaceWorker:
             rank_desc = HolderDescriptor.decode(job.descriptor).ranks[self._rank]
             if not isinstance(rank_desc, HostShmDescriptor):
                 raise TransferError(f"holder offers {type(rank_desc).__name__}, not host_shm")
-            src = job.src[::-1] if job.fault == "reverse" else job.src
-            keys = job.keys[::-1] if job.fault == "reverse" else job.keys
+            src, keys = job.src, job.keys
+            if job.fault == "first_page":  # the prototype's bug: every page from block 0
+                src, keys = [src[0]] * len(src), [keys[0]] * len(keys)
             self._importer.load(rank_desc, src, keys, job.dst)
         except (TransferError, IndexError, msgspec.DecodeError, ValueError) as e:
             self._fail(job, str(e))

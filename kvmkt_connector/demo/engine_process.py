@@ -47,18 +47,23 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
             break
         try:
             if cmd == "generate":
-                prompts, max_tokens, logprobs, params = args
+                prompts, max_tokens, logprobs, options = args
                 sps = []
-                for p in params or [None] * len(prompts):
-                    extra = {"kv_transfer_params": p} if p else None
+                for opt in options or [{}] * len(prompts):
+                    kvp = opt.get("kv_transfer_params")
                     sps.append(SamplingParams(
                         max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                        detokenize=False, logprobs=logprobs, extra_args=extra,
+                        detokenize=False, logprobs=logprobs,
+                        extra_args={"kv_transfer_params": kvp} if kvp else None,
+                        skip_reading_prefix_cache=opt.get("skip_reading_prefix_cache"),
                     ))
+                inputs = []
+                for p, opt in zip(prompts, options or [{}] * len(prompts), strict=True):
+                    inputs.append({"prompt_token_ids": list(p)})
+                    if opt.get("cache_salt"):
+                        inputs[-1]["cache_salt"] = opt["cache_salt"]
                 t0 = time.perf_counter()
-                outs = llm.generate(
-                    [{"prompt_token_ids": list(p)} for p in prompts], sps, use_tqdm=False
-                )
+                outs = llm.generate(inputs, sps, use_tqdm=False)
                 dt = time.perf_counter() - t0
                 result = []
                 for o in outs:
@@ -75,6 +80,7 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache()))
             elif cmd == "stop":
+                llm.llm_engine.engine_core.shutdown()  # lets vLLM unlink its shared memory
                 conn.send(("ok", None))
                 break
         except BaseException:
@@ -112,9 +118,12 @@ class EngineProcess:
 
     def generate(
         self, prompts: list[list[int]], max_tokens: int = 8, logprobs: int | None = None,
-        params: list[dict[str, Any] | None] | None = None,
+        options: list[dict[str, Any]] | None = None,
     ) -> list[Completion]:
-        return self._call("generate", (prompts, max_tokens, logprobs, params))
+        """Greedy completions. ``options`` per prompt: ``kv_transfer_params`` (dict),
+        ``skip_reading_prefix_cache`` (bool: no local prefix hit and no import) and
+        ``cache_salt`` (str)."""
+        return self._call("generate", (prompts, max_tokens, logprobs, options))
 
     def metrics(self) -> dict[str, Any]:
         return dict(self._call("metrics"))

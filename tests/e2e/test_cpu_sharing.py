@@ -1,0 +1,163 @@
+"""MarketplaceConnector end to end on real vLLM 0.26 CPU engines in separate processes.
+
+Engines (one registry, all started once for the module):
+  A  exporter, connector enabled by name only (the plugin path)
+  B  importer, fault injection allowed (for the negative controls)
+  R  the reference: same model and config, no connector
+  C  block size 32, connector loaded through kv_connector_module_path: not compatible
+
+The model has seeded normal weights, so its greedy tokens depend on every KV page: an
+import that delivered a wrong page would change them (the negative controls show it does).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from tests.e2e.conftest import CONNECTOR, connector_config
+
+pytestmark = pytest.mark.engine
+
+BS = 16
+MAX_TOKENS = 8
+A_OUT = 4  # tokens A generates per prompt
+_rng = random.Random(1234)
+
+
+def fresh(n: int) -> list[int]:
+    return [_rng.randrange(3, 500) for _ in range(n)]
+
+
+# A's prompts, each with its own prefix so B's local prefix cache never interferes.
+SHARE_LENGTHS = [40, 64, 100, 150, 200, 256, 300, 333, 400, 480, 512, 600, 640, 700, 777,
+                 800, 900, 960, 1000, 1024, 1100, 1200]
+SHARED = [fresh(n) for n in SHARE_LENGTHS]
+FAULTY = {fault: [fresh(n) for n in (300, 450, 600)] for fault in ("zero", "first_page")}
+SALTED = [fresh(320), fresh(320)]
+FOR_C = [fresh(n) for n in (256, 500)]
+KILLED = fresh(400)
+
+
+def exported_blocks(prompt: list[int]) -> int:
+    # A exports the full blocks below its last sampled token.
+    return (len(prompt) + A_OUT - 1) // BS
+
+
+@pytest.fixture(scope="module")
+def engines(cluster, tiny_model_dir):
+    cluster.start("A", tiny_model_dir, connector={"kv_connector": CONNECTOR, "kv_role": "kv_both"})
+    cluster.start("B", tiny_model_dir, connector=connector_config(allow_fault_injection=True))
+    cluster.start("R", tiny_model_dir, connector=None)
+    cluster.start(
+        "C", tiny_model_dir, block_size=32,
+        connector={"kv_connector": CONNECTOR, "kv_role": "kv_both",
+                   "kv_connector_module_path": "kvmkt_connector.connector.facade"},
+    )
+    cluster.wait_all()
+    a = cluster.engines["A"]
+    plain = SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED]
+    a.generate(plain, max_tokens=A_OUT)
+    a.generate([SALTED[0]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
+    a.generate([SALTED[1]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
+    cluster.wait_published(sum(exported_blocks(p) for p in plain + SALTED))
+    return cluster.engines
+
+
+def one_by_one(engine, prompts, **kw):
+    """One request at a time, so each request's import is its own."""
+    out = []
+    for i, p in enumerate(prompts):
+        opts = kw.get("options")
+        out += engine.generate([p], max_tokens=MAX_TOKENS,
+                               options=[opts[i]] if opts else None)
+    return out
+
+
+def test_imports_equal_recompute_exact_and_partial_prefixes(engines):
+    b, r = engines["B"], engines["R"]
+    prompts, expected = [], []
+    for i, a_prompt in enumerate(SHARED):
+        if i % 2 == 0:  # exact: B continues A's whole prompt (a later chat turn)
+            common, prompt = len(a_prompt), a_prompt + fresh(30)
+        else:  # partial: B shares only the first 2/3 (+5) tokens, then diverges
+            common = len(a_prompt) * 2 // 3 + 5
+            prompt = a_prompt[:common] + fresh(40)
+        prompts.append(prompt)
+        expected.append(min(common // BS, (len(prompt) - 1) // BS) * BS)
+    got = one_by_one(b, prompts)
+    ref = one_by_one(r, prompts)
+    assert [c.imported_tokens for c in got] == expected
+    assert all(e > 0 for e in expected) and len(prompts) >= 20
+    mismatches = [i for i, (g, w) in enumerate(zip(got, ref, strict=True)) if g.token_ids != w.token_ids]
+    assert not mismatches, f"imported KV changed the output of prompts {mismatches}"
+    assert all(w.imported_tokens == -1 for w in ref)  # R really has no connector
+
+
+@pytest.mark.parametrize("fault", ["zero", "first_page"])
+def test_negative_control_corrupted_pages_change_the_output(engines, fault):
+    """The equivalence check above can fail: corrupt the imported pages and it does.
+
+    "zero" blanks the imported pages; "first_page" fills every imported block with the
+    holder's first page (the prototype's fallback bug). Merely permuting the pages would
+    not be caught by any test: keys carry their rotary position, so later tokens attend
+    to the same set of keys whatever their order in the cache.
+    """
+    b, r = engines["B"], engines["R"]
+    prompts = [p + fresh(20) for p in FAULTY[fault]]
+    opts = [{"kv_transfer_params": {"kvmkt_fault": fault}}] * len(prompts)
+    got = one_by_one(b, prompts, options=opts)
+    ref = one_by_one(r, prompts)
+    assert all(c.imported_tokens > 0 for c in got)
+    differ = sum(g.token_ids != w.token_ids for g, w in zip(got, ref, strict=True))
+    assert differ >= 2, f"corrupted ({fault}) imports left {3 - differ}/3 outputs unchanged"
+
+
+def test_cache_salt_separates_tenants(engines):
+    b, r = engines["B"], engines["R"]
+    same = SALTED[0] + fresh(20)
+    other = SALTED[1] + fresh(20)
+    got = one_by_one(b, [same, other], options=[{"cache_salt": "tenant-a"}, {"cache_salt": "tenant-b"}])
+    ref = one_by_one(r, [same, other])
+    assert got[0].imported_tokens == (len(SALTED[0]) // BS) * BS  # same salt: shared
+    assert got[1].imported_tokens == 0  # other salt: never
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+
+
+def test_no_match_prefills_normally(engines):
+    b, r = engines["B"], engines["R"]
+    prompts = [fresh(300), fresh(77)]
+    got, ref = one_by_one(b, prompts), one_by_one(r, prompts)
+    assert [c.imported_tokens for c in got] == [0, 0]
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+
+
+def test_incompatible_instance_imports_nothing_and_says_why(engines, cluster):
+    c = engines["C"]
+    prompts = [p + fresh(20) for p in FOR_C]
+    got = one_by_one(c, prompts)
+    recomputed = one_by_one(c, prompts, options=[{"skip_reading_prefix_cache": True}] * 2)
+    assert [x.imported_tokens for x in got] == [0, 0]
+    assert [x.token_ids for x in got] == [x.token_ids for x in recomputed]
+    log = cluster.log("C")
+    line = next((ln for ln in log.splitlines() if "not sharing KV with" in ln), "")
+    assert "block_size (32 here, 16 there)" in line, line or log[-2000:]
+
+
+def test_exporter_killed_before_import(engines, cluster):
+    """Runs last: A dies; its pages vanish from the registry within 2 s; B stays correct."""
+    a, b, r = engines["A"], engines["B"], engines["R"]
+    with cluster.client() as reg:
+        before = {h.name for h in reg.list_holders()}
+        a.kill()
+        t0 = time.monotonic()
+        while {h.name for h in reg.list_holders()} == before:
+            assert time.monotonic() - t0 < 2.0, "dead holder still listed after 2 s"
+            time.sleep(0.05)
+    prompt = KILLED + fresh(25)
+    (got,) = one_by_one(b, [prompt])
+    (ref,) = one_by_one(r, [prompt])
+    assert got.imported_tokens == 0
+    assert got.token_ids == ref.token_ids
