@@ -65,9 +65,9 @@ class BlockKeyer:
     def start(self, scope: KeyScope) -> PrefixKeys:
         return PrefixKeys(self.root(scope), self.block_size)
 
-    def keys(self, token_ids: Sequence[int], scope: KeyScope = KeyScope()) -> list[bytes]:
+    def keys(self, token_ids: Sequence[int], scope: KeyScope | None = None) -> list[bytes]:
         """Keys of every full block of ``token_ids`` (convenience for tests and tools)."""
-        prefix = self.start(scope)
+        prefix = self.start(scope or KeyScope())
         prefix.extend(token_ids)
         return prefix.keys
 

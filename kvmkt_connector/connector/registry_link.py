@@ -9,7 +9,7 @@ tells the exporter that everything it had published is gone.
 
 from __future__ import annotations
 
-
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -85,10 +85,8 @@ class RegistryLink:
     def _down(self, why: str) -> None:
         if self._client is not None:
             self.lost_at = time.monotonic()
-            try:
+            with contextlib.suppress(Exception):
                 self._client.close()
-            except Exception:
-                pass
         self._client = None
         self._retry_at = time.monotonic() + self._cfg.registry_retry_s
         logger.warning(
@@ -124,8 +122,6 @@ class RegistryLink:
 
     def close(self) -> None:
         if self._client is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._client.close()
-            except Exception:
-                pass
             self._client = None

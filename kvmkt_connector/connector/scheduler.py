@@ -30,7 +30,11 @@ from kvmkt_connector.connector.registry_link import HolderRegistration, Registry
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.transport.descriptors import HolderDescriptor, HostShmDescriptor
+from kvmkt_connector.transport.descriptors import (
+    HolderDescriptor,
+    HostShmDescriptor,
+    RankDescriptor,
+)
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -74,6 +78,7 @@ class MarketplaceScheduler:
         self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats)
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
+        self._transport = ""  # what our workers import with (from their handshake)
         self._job_counts: dict[tuple[str, int], int] = {}
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
@@ -97,18 +102,20 @@ class MarketplaceScheduler:
         self._keyer = BlockKeyer(self._namespace, self._block_size)
         logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
         ranks = [handshakes[r] for r in range(self._world)]
+        self._transport = ranks[0].transport
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
-            rank_desc = [msgspec.msgpack.decode(h.descriptor, type=HostShmDescriptor) for h in ranks]
+            rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
+            staged = all(isinstance(d, HostShmDescriptor) for d in rank_desc)
             self._link.set_holder(
                 HolderRegistration(
                     namespace=self._namespace,
                     name=self._name,
                     fingerprint=msgspec.msgpack.encode(self._fp),
                     descriptor=HolderDescriptor(rank_desc).encode(),
-                    cleanup_paths=[d.path for d in rank_desc],
+                    cleanup_paths=[d.path for d in rank_desc if isinstance(d, HostShmDescriptor)],
                 )
             )
-            slots = min(h.export_slots for h in ranks)
+            slots = min(h.export_slots for h in ranks) if staged else None
             self._ledger = ExportLedger(
                 self._cfg, self._block_size, self._link, self.stats, self._pool, slots
             )

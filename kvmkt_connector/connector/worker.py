@@ -26,8 +26,10 @@ from kvmkt_connector.connector.metadata import (
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.transport.descriptors import (
+    CudaIpcDescriptor,
     HolderDescriptor,
     HostShmDescriptor,
+    RankDescriptor,
     TransferError,
 )
 from kvmkt_connector.transport.host_shm import (
@@ -67,9 +69,13 @@ class MarketplaceWorker:
         self._layout: KVPageLayout | None = None
         self._spec: KVLayoutSpec | None = None
         self._problem = ""
+        self._transport = ""  # "cuda_ipc" | "host_shm" once registered
+        self._export_desc: RankDescriptor | None = None
         self._region: HostPageRegion | None = None
         self._exporter: HostShmExporter | None = None
         self._importer: HostShmImporter | None = None
+        self._ipc_importer = None  # CudaIpcImporter
+        self._gpu_loads: list[tuple[int, Any, float]] = []  # (job id, event, start time)
         self._load_errors: set[int] = set()
         self._done = MarketplaceWorkerMetadata()
 
@@ -92,19 +98,40 @@ class MarketplaceWorker:
             segments_per_page=layout.segments_per_layer,
             kernel_blocks_per_block=layout.kernel_blocks_per_block,
         )
-        if self._cfg.transport == "cuda_ipc":
-            self._problem = "transport cuda_ipc is not available in this build"
-            logger.error("kvmkt: %s", self._problem)
-            return
+        if layout.device.type == "cuda" and self._cfg.transport in ("auto", "cuda_ipc"):
+            try:
+                self._setup_cuda_ipc(layout)
+            except (TransferError, ImportError, RuntimeError) as e:
+                if self._cfg.transport == "cuda_ipc":
+                    self._problem = f"cuda_ipc transport unavailable: {e}"
+                    logger.error("kvmkt: %s", self._problem)
+                    return
+                logger.warning("kvmkt: cuda_ipc unavailable (%s); using host shared memory", e)
+        if not self._transport:
+            if self._cfg.transport == "cuda_ipc":
+                self._problem = "transport cuda_ipc needs the KV cache on a CUDA device"
+                return
+            self._setup_host_shm(layout)
+        logger.info(
+            "kvmkt: worker %d shares %d layers x %d blocks (%d B/page, %s) over %s%s",
+            self._rank, layout.num_layers, self._num_blocks, layout.layer_page_bytes,
+            self._spec.attention_backend, self._transport,
+            f", export slots: {self._region.descriptor.num_slots}" if self._region else "",
+        )
+
+    def _setup_cuda_ipc(self, layout: KVPageLayout) -> None:
+        from kvmkt_connector.transport.cuda_ipc import CudaIpcImporter, describe_exports
+
+        self._ipc_importer = CudaIpcImporter(layout)  # compiles the copy kernel
+        if self._export:
+            self._export_desc = describe_exports(layout)
+        self._transport = "cuda_ipc"
+
+    def _setup_host_shm(self, layout: KVPageLayout) -> None:
         self._importer = HostShmImporter(layout)
+        self._transport = "host_shm"
         if self._export:
             self._open_export_region(layout)
-        logger.info(
-            "kvmkt: worker %d shares %d layers x %d blocks (%d B/page, %s), export slots: %d",
-            self._rank, layout.num_layers, self._num_blocks, layout.layer_page_bytes,
-            self._spec.attention_backend,
-            0 if self._region is None else self._region.descriptor.num_slots,
-        )
 
     def _open_export_region(self, layout: KVPageLayout) -> None:
         folder = _region_dir()
@@ -116,6 +143,7 @@ class MarketplaceWorker:
         path = os.path.join(folder, f"kvmkt-{os.getuid()}-{engine[:16]}-{os.getpid()}-r{self._rank}")
         self._region = HostPageRegion.create(path, slots, layout.segment_bytes)
         self._exporter = HostShmExporter(layout, self._region)
+        self._export_desc = self._region.descriptor
 
     def _backend_name(self) -> str:
         try:
@@ -136,14 +164,14 @@ class MarketplaceWorker:
 
     def handshake(self) -> MarketplaceHandshake:
         descriptor = None
-        if self._region is not None:
-            descriptor = msgspec.msgpack.encode(self._region.descriptor)
+        if self._export_desc is not None:
+            descriptor = msgspec.msgpack.encode(self._export_desc)
         return MarketplaceHandshake(
             tp_rank=self._rank,
             layout=self._spec if not self._problem else None,
             descriptor=descriptor,
             export_slots=0 if self._region is None else self._region.descriptor.num_slots,
-            transport="host_shm" if self._importer is not None else "",
+            transport=self._transport,
             problem=self._problem,
         )
 
@@ -167,28 +195,37 @@ class MarketplaceWorker:
         target[job.job_id] = 1
 
     def _load(self, job: LoadJob) -> None:
-        self._done.loads_done[job.job_id] = 1
-        if job.fault == "lease_lost" or self._importer is None or self._layout is None:
+        if job.fault == "lease_lost" or not self._transport or self._layout is None:
+            self._done.loads_done[job.job_id] = 1
             self._fail(job, "lease lost" if job.fault == "lease_lost" else "no transport")
             return
         t0 = time.perf_counter()
+        event = None
         try:
             rank_desc = HolderDescriptor.decode(job.descriptor).ranks[self._rank]
-            if not isinstance(rank_desc, HostShmDescriptor):
-                raise TransferError(f"holder offers {type(rank_desc).__name__}, not host_shm")
             src, keys = job.src, job.keys
             if job.fault == "first_page":  # the prototype's bug: every page from block 0
                 src, keys = [src[0]] * len(src), [keys[0]] * len(keys)
-            self._importer.load(rank_desc, src, keys, job.dst)
+            if isinstance(rank_desc, CudaIpcDescriptor) and self._ipc_importer is not None:
+                event = self._ipc_importer.load(rank_desc, src, job.dst)
+            elif isinstance(rank_desc, HostShmDescriptor) and self._importer is not None:
+                self._importer.load(rank_desc, src, keys, job.dst)
+            else:
+                raise TransferError(f"holder offers {type(rank_desc).__name__}, we use {self._transport}")
         except (TransferError, IndexError, msgspec.DecodeError, ValueError) as e:
+            self._done.loads_done[job.job_id] = 1
             self._fail(job, str(e))
             return
         if job.fault == "zero":
             idx = torch.tensor(job.dst, dtype=torch.int64, device=self._layout.device)
             for view in self._layout.views:
                 view.index_fill_(0, idx, 0)
-        self._stats.observe("import_seconds", time.perf_counter() - t0)
         self._stats.count("imported_bytes", len(job.dst) * self._layout.block_bytes)
+        if event is None:  # host copies are done when load() returns
+            self._done.loads_done[job.job_id] = 1
+            self._stats.observe("import_seconds", time.perf_counter() - t0)
+        else:  # done when the GPU says so: only then may the holder reuse the pages
+            self._gpu_loads.append((job.job_id, event, t0))
 
     def _fail(self, job: LoadJob, why: str) -> None:
         logger.warning(
@@ -201,7 +238,20 @@ class MarketplaceWorker:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def _poll_gpu_loads(self) -> None:
+        still = []
+        for job_id, event, t0 in self._gpu_loads:
+            if event.query():
+                self._done.loads_done[job_id] = 1
+                self._stats.observe("import_seconds", time.perf_counter() - t0)
+            else:
+                still.append((job_id, event, t0))
+        self._gpu_loads = still
+        if self._ipc_importer is not None:
+            self._ipc_importer.sweep()
+
     def take_worker_meta(self) -> MarketplaceWorkerMetadata | None:
+        self._poll_gpu_loads()
         done, self._done = self._done, MarketplaceWorkerMetadata()
         if done.loads_done or done.saves_done or done.saves_failed:
             return done
@@ -211,6 +261,8 @@ class MarketplaceWorker:
         return self._stats.take()
 
     def shutdown(self) -> None:
+        if self._ipc_importer is not None:
+            self._ipc_importer.close()
         if self._importer is not None:
             self._importer.close()
         if self._region is not None:

@@ -18,13 +18,19 @@ import tempfile
 import time
 
 from kvmkt_connector.demo.engine_process import EngineProcess
-from kvmkt_connector.demo.tiny_model import TinyLlamaShape, write_tiny_llama
+from kvmkt_connector.demo.tiny_model import (
+    TinyLlamaShape,
+    write_llama3_8b_config,
+    write_tiny_llama,
+)
 
 
-def engine_kwargs(model: str, device: str, extra_config: dict | None = None) -> dict:
+def engine_kwargs(
+    model: str, device: str, max_len: int, extra_config: dict | None = None, dummy: bool = False
+) -> dict:
     kw = dict(
-        model=model, skip_tokenizer_init=True, max_model_len=4096, block_size=16,
-        seed=0, enable_prefix_caching=True,
+        model=model, skip_tokenizer_init=True, max_model_len=max_len, block_size=16,
+        seed=0, enable_prefix_caching=True, max_num_batched_tokens=max_len,
         kv_transfer_config={
             "kv_connector": "MarketplaceConnector", "kv_role": "kv_both",
             "kv_connector_extra_config": extra_config or {},
@@ -33,7 +39,9 @@ def engine_kwargs(model: str, device: str, extra_config: dict | None = None) -> 
     if device == "cpu":
         kw.update(dtype="float32", enforce_eager=True)
     else:
-        kw.update(dtype="bfloat16", gpu_memory_utilization=0.5)
+        kw.update(dtype="bfloat16", gpu_memory_utilization=0.8, enforce_eager=True)
+    if dummy:
+        kw["load_format"] = "dummy"
     return kw
 
 
@@ -54,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", help="model dir (default: a seeded tiny Llama written now)")
+    ap.add_argument("--llama8b-dummy", action="store_true",
+                    help="Llama-3-8B shape with dummy weights (for timing on GPUs)")
     ap.add_argument("--prefix-tokens", type=int, nargs="+", default=[512, 1024, 2048])
     ap.add_argument("--questions", type=int, default=2, help="B requests per prefix")
     ap.add_argument("--workdir", default=None)
@@ -63,24 +73,30 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.join(work, "registry"), mode=0o700, exist_ok=True)
     socket_path = os.path.join(work, "registry", "registry.sock")
     os.environ["KVMKT_REGISTRY_SOCKET"] = socket_path  # a private registry for the demo
-    model = args.model or write_tiny_llama(
-        os.path.join(work, "model"), seed=0,
-        shape=TinyLlamaShape(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, head_dim=32),
-    )
+    if args.llama8b_dummy:
+        model = write_llama3_8b_config(os.path.join(work, "llama3-8b-dummy"))
+    else:
+        model = args.model or write_tiny_llama(
+            os.path.join(work, "model"), seed=0,
+            shape=TinyLlamaShape(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                 num_attention_heads=8, num_key_value_heads=4, head_dim=32),
+        )
+    max_len = max(4096, 1024 * -(-(max(args.prefix_tokens) + 200) // 1024))
     env = {"KVMKT_REGISTRY_SOCKET": socket_path, "VLLM_CPU_KVCACHE_SPACE": "2"}
     if args.device == "cuda":
         env_a, env_b = dict(env, CUDA_VISIBLE_DEVICES="0"), dict(env, CUDA_VISIBLE_DEVICES="1")
     else:
         env_a = env_b = env
     print(f"[demo] workdir {work}; starting engines A and B ({args.device})", flush=True)
-    a = EngineProcess(engine_kwargs(model, args.device), env_a, os.path.join(work, "engine-a.log"))
-    b = EngineProcess(engine_kwargs(model, args.device), env_b, os.path.join(work, "engine-b.log"))
+    kw = engine_kwargs(model, args.device, max_len, dummy=args.llama8b_dummy)
+    a = EngineProcess(kw, env_a, os.path.join(work, "engine-a.log"))
+    b = EngineProcess(kw, env_b, os.path.join(work, "engine-b.log"))
     try:
         a.wait_ready()
         b.wait_ready()
         rng = random.Random(0)
         vocab = 500
+        b.generate([[rng.randrange(3, vocab) for _ in range(64)]], max_tokens=2)  # warm-up
 
         def tokens(n: int) -> list[int]:
             return [rng.randrange(3, vocab) for _ in range(n)]

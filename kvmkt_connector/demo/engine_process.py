@@ -7,6 +7,7 @@ group: front end, EngineCore, workers) is how fault tests make an exporter die.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -138,10 +139,8 @@ class EngineProcess:
     def kill(self) -> None:
         """SIGKILL the engine's whole process group (front end, EngineCore, workers)."""
         if self._proc.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self._proc.join(10)
 
     def stop(self) -> None:

@@ -25,6 +25,14 @@ class TinyLlamaShape:
     max_position_embeddings: int = 4096
 
 
+# A Llama-3-8B-like attention geometry (8 KV heads x 128: 64 KiB pages of 16 bf16 tokens) in
+# a model small enough to start fast: for the GPU tests and the GPU demo.
+GPU_TEST_SHAPE = TinyLlamaShape(
+    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+    num_key_value_heads=8, head_dim=128, vocab_size=8192, max_position_embeddings=32768,
+)
+
+
 def write_tiny_llama(path: str, seed: int = 0, shape: TinyLlamaShape = TinyLlamaShape()) -> str:
     """Write config, safetensors weights and tokenizer into ``path``; return ``path``."""
     import torch
@@ -40,26 +48,28 @@ def write_tiny_llama(path: str, seed: int = 0, shape: TinyLlamaShape = TinyLlama
         json.dump(config, f, indent=1)
     g = torch.Generator().manual_seed(seed)
 
-    def normal(*size: int, std: float) -> torch.Tensor:
-        return torch.randn(*size, generator=g) * std
+    def normal(out_features: int, in_features: int, std_at_128: float) -> torch.Tensor:
+        # std scales with 1/sqrt(fan-in) so wider models behave like the 128-wide one
+        std = std_at_128 * (128 / in_features) ** 0.5
+        return torch.randn(out_features, in_features, generator=g) * std
 
     s = shape
     q_out, kv_out = s.num_attention_heads * s.head_dim, s.num_key_value_heads * s.head_dim
     weights = {
-        "model.embed_tokens.weight": normal(s.vocab_size, s.hidden_size, std=1.0),
+        "model.embed_tokens.weight": torch.randn(s.vocab_size, s.hidden_size, generator=g),
         "model.norm.weight": torch.ones(s.hidden_size),
-        "lm_head.weight": normal(s.vocab_size, s.hidden_size, std=0.2),
+        "lm_head.weight": normal(s.vocab_size, s.hidden_size, 0.2),
     }
     for i in range(s.num_hidden_layers):
         p = f"model.layers.{i}."
         weights.update({
-            p + "self_attn.q_proj.weight": normal(q_out, s.hidden_size, std=0.3),
-            p + "self_attn.k_proj.weight": normal(kv_out, s.hidden_size, std=0.3),
-            p + "self_attn.v_proj.weight": normal(kv_out, s.hidden_size, std=0.3),
-            p + "self_attn.o_proj.weight": normal(s.hidden_size, q_out, std=0.15),
-            p + "mlp.gate_proj.weight": normal(s.intermediate_size, s.hidden_size, std=0.1),
-            p + "mlp.up_proj.weight": normal(s.intermediate_size, s.hidden_size, std=0.1),
-            p + "mlp.down_proj.weight": normal(s.hidden_size, s.intermediate_size, std=0.1),
+            p + "self_attn.q_proj.weight": normal(q_out, s.hidden_size, 0.3),
+            p + "self_attn.k_proj.weight": normal(kv_out, s.hidden_size, 0.3),
+            p + "self_attn.v_proj.weight": normal(kv_out, s.hidden_size, 0.3),
+            p + "self_attn.o_proj.weight": normal(s.hidden_size, q_out, 0.15),
+            p + "mlp.gate_proj.weight": normal(s.intermediate_size, s.hidden_size, 0.1),
+            p + "mlp.up_proj.weight": normal(s.intermediate_size, s.hidden_size, 0.1),
+            p + "mlp.down_proj.weight": normal(s.hidden_size, s.intermediate_size, 0.1 * 2**0.5),
             p + "input_layernorm.weight": torch.ones(s.hidden_size),
             p + "post_attention_layernorm.weight": torch.ones(s.hidden_size),
         })
@@ -88,3 +98,19 @@ def _write_word_tokenizer(path: str, vocab_size: int) -> None:
 def words(token_ids: list[int]) -> str:
     """The text that the tiny tokenizer turns back into ``token_ids``."""
     return " ".join(f"w{t}" for t in token_ids)
+
+
+def write_llama3_8b_config(path: str, num_layers: int = 32) -> str:
+    """A Llama-3-8B-shaped model directory with no weights, for ``load_format="dummy"``:
+    right for timing (TTFT, KV bytes), useless for judging outputs."""
+    os.makedirs(path, exist_ok=True)
+    config = dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
+        intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+        num_hidden_layers=num_layers, vocab_size=128256, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16", bos_token_id=128000,
+        eos_token_id=128001, tie_word_embeddings=False,
+    )
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    return path

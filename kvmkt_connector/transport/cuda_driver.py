@@ -37,18 +37,27 @@ def check(result: Any, what: str) -> Any:
 
 
 def init() -> None:
-    check(_driver().cuInit(0), "cuInit")
+    try:
+        check(_driver().cuInit(0), "cuInit")
+    except TransferError:
+        raise
+    except Exception as e:  # no driver library, no cuda-python
+        raise TransferError(f"CUDA driver unavailable: {e}") from e
+
+
+def _ptr(value: int) -> Any:
+    return _driver().CUdeviceptr(int(value))
 
 
 def allocation_range(ptr: int) -> tuple[int, int]:
     """(base, size) of the driver allocation that contains ``ptr``."""
-    base, size = check(_driver().cuMemGetAddressRange(ptr), "cuMemGetAddressRange")
+    base, size = check(_driver().cuMemGetAddressRange(_ptr(ptr)), "cuMemGetAddressRange")
     return int(base), int(size)
 
 
 def ipc_handle(base: int) -> bytes:
     """The IPC handle of the allocation starting at ``base`` (legacy cudaMalloc memory)."""
-    handle = check(_driver().cuIpcGetMemHandle(base), "cuIpcGetMemHandle")
+    handle = check(_driver().cuIpcGetMemHandle(_ptr(base)), "cuIpcGetMemHandle")
     return ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
 
 
@@ -62,21 +71,21 @@ def open_ipc_handle(blob: bytes) -> int:
 
 
 def close_ipc_handle(ptr: int) -> None:
-    check(_driver().cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
+    check(_driver().cuIpcCloseMemHandle(_ptr(ptr)), "cuIpcCloseMemHandle")
 
 
 def device_uuid(ordinal: int) -> str:
     driver = _driver()
     dev = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
     uuid = check(driver.cuDeviceGetUuid(dev), "cuDeviceGetUuid")
-    return bytes(uuid.bytes).hex()
+    return ctypes.string_at(uuid.getPtr(), 16).hex()
 
 
 def memory_type_is_legacy(ptr: int) -> bool:
     """False for VMM (cuMemCreate) memory, which legacy IPC handles cannot export."""
     driver = _driver()
     attr = driver.CUpointer_attribute.CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE
-    return bool(check(driver.cuPointerGetAttribute(attr, ptr), "cuPointerGetAttribute"))
+    return bool(check(driver.cuPointerGetAttribute(attr, _ptr(ptr)), "cuPointerGetAttribute"))
 
 
 def native_source(name: str) -> str:
@@ -88,14 +97,13 @@ def native_source(name: str) -> str:
     raise TransferError(f"native source {name} not found in {_NATIVE_DIRS}")
 
 
-@cache
-def compile_kernel(source_name: str, kernel: str, arch: str) -> Any:
-    """Compile ``native/<source_name>`` with NVRTC for ``arch`` (e.g. "sm_90") and load it."""
+def compile_cubin(source_name: str, arch: str) -> bytes:
+    """Compile ``native/<source_name>`` with NVRTC for ``arch`` (e.g. "sm_90")."""
     from cuda.bindings import nvrtc
 
     src = native_source(source_name).encode()
     prog = check(nvrtc.nvrtcCreateProgram(src, source_name.encode(), 0, [], []), "nvrtcCreateProgram")
-    opts = [f"--gpu-architecture={arch}".encode(), b"-O3", b"--std=c++17"]
+    opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
     err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
     if int(err) != 0:
         log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
@@ -106,7 +114,16 @@ def compile_kernel(source_name: str, kernel: str, arch: str) -> Any:
     cubin = b" " * size
     check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
     check(nvrtc.nvrtcDestroyProgram(prog), "nvrtcDestroyProgram")
-    module = check(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
+    return cubin
+
+
+@cache
+def compile_kernel(source_name: str, kernel: str, arch: str) -> Any:
+    """Compile and load ``kernel`` of ``native/<source_name>`` into the current context."""
+    cubin = compile_cubin(source_name, arch)
+    image = ctypes.c_char_p(cubin)  # keeps the bytes alive and gives their address
+    address = ctypes.cast(image, ctypes.c_void_p).value
+    module = check(_driver().cuModuleLoadData(address), "cuModuleLoadData")
     return check(_driver().cuModuleGetFunction(module, kernel.encode()), "cuModuleGetFunction")
 
 
@@ -114,7 +131,10 @@ def launch(function: Any, grid: int, block: int, stream: int, args: list[tuple[i
     """Launch ``function`` on ``stream`` with (value, ctypes type) arguments."""
     values = tuple(v for v, _ in args)
     types = tuple(t for _, t in args)
+    driver = _driver()
     check(
-        _driver().cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, stream, (values, types), 0),
+        driver.cuLaunchKernel(
+            function, grid, 1, 1, block, 1, 1, 0, driver.CUstream(stream), (values, types), 0
+        ),
         "cuLaunchKernel",
     )

@@ -14,6 +14,7 @@ Mappings of exporters that died or stayed unused are closed once no copy uses th
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -147,18 +148,14 @@ class CudaIpcImporter:
             if handle in busy:
                 continue
             if now - last > IDLE_CLOSE_S or not _process_alive(pid):
-                try:
+                with contextlib.suppress(TransferError):
                     cu.close_ipc_handle(ptr)
-                except TransferError:
-                    pass
                 del self._mapped[handle]
 
     def close(self) -> None:
         torch.cuda.synchronize(self.layout.device)
         self._inflight.clear()
         for ptr, _, _ in self._mapped.values():
-            try:
+            with contextlib.suppress(TransferError):
                 cu.close_ipc_handle(ptr)
-            except TransferError:
-                pass
         self._mapped.clear()

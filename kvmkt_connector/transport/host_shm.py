@@ -13,6 +13,7 @@ an import runs; the key check turns a broken promise into a load error instead o
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -107,15 +108,12 @@ class HostPageRegion:
     def close(self) -> None:
         self.keys = None  # type: ignore[assignment]
         self.segments = []
-        try:
+        # A view may still be alive somewhere; then the mapping goes with the process.
+        with contextlib.suppress(BufferError):
             self._mmap.close()
-        except BufferError:
-            pass  # a view is still alive somewhere; the mapping goes with the process
         if self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.descriptor.path)
-            except FileNotFoundError:
-                pass
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import CONNECTOR, connector_config
+from tests.conftest import CONNECTOR, connector_config
 
 pytestmark = pytest.mark.engine
 

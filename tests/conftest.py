@@ -1,4 +1,7 @@
-"""Real vLLM engines on the CPU, shared by the tests of a module (an engine starts in ~45 s)."""
+"""Real vLLM engines in separate processes, shared by the tests of a module.
+
+A CPU engine starts in ~45 s on two cores, so each test module starts its engines once.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +28,11 @@ class Cluster:
         regdir = os.path.join(workdir, "reg")
         os.makedirs(regdir, mode=0o700)
         self.socket = os.path.join(regdir, "registry.sock")
-        self.registry = subprocess.Popen(
-            [sys.executable, "-m", "kvmkt_connector.registry", "serve", "--socket", self.socket],
-            stdout=open(os.path.join(workdir, "registry.log"), "w"), stderr=subprocess.STDOUT,
-        )
+        with open(os.path.join(workdir, "registry.log"), "w") as log:
+            self.registry = subprocess.Popen(
+                [sys.executable, "-m", "kvmkt_connector.registry", "serve", "--socket", self.socket],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 30
         while not os.path.exists(self.socket):
             assert time.monotonic() < deadline, "registry did not start"
@@ -38,13 +42,17 @@ class Cluster:
     def client(self) -> RegistryClient:
         return RegistryClient.connect(self.socket, client_name="pytest", autostart=False)
 
-    def start(self, name: str, model: str, *, connector: dict | None, **overrides) -> EngineProcess:
+    def start(
+        self, name: str, model: str, *, connector: dict | None, env: dict | None = None,
+        **overrides,
+    ) -> EngineProcess:
+        """An engine; CPU defaults (fp32, eager, 1 GiB KV) unless ``overrides`` say otherwise."""
         kw = dict(model=model, skip_tokenizer_init=True, max_model_len=2048, block_size=16,
                   dtype="float32", enforce_eager=True, seed=0, enable_prefix_caching=True)
         if connector is not None:
             kw["kv_transfer_config"] = connector
         kw.update(overrides)
-        env = {"KVMKT_REGISTRY_SOCKET": self.socket, "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env = {"KVMKT_REGISTRY_SOCKET": self.socket, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
         log = os.path.join(self.workdir, f"engine-{name}.log")
         self.engines[name] = EngineProcess(kw, env, log)
         return self.engines[name]

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GPU host runs (the device tool, kind nvidia-h200-x2). One call runs the stages named on the
+# command line, in order; each stage's full log lands in $OUT/<stage>.log and a summary
+# table is printed last.
+#
+#   probe    GPUs, topology, cuda-bindings; the transport benchmark (needs no vLLM):
+#            bash .gpu-bundle/install-bundle.sh stash is expected to have run first
+#   install  assemble the vLLM bundle (second transfer) and install this project
+#   tests    tests/gpu (two engines on GPU0/GPU1, equivalence, negative control, kill)
+#   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
+#   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
+#
+# Example (second transfer): bash benchmarks/gpu_session.sh install tests demo
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/kvmkt-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+SITE=/tmp/kvsite
+export PYTHONPATH=$SITE:/tmp/kvmsg:$PWD
+summary=()
+
+run() {  # run <stage> <command...>: log to $OUT/<stage>.log, remember the exit code
+  local stage=$1; shift
+  local t0=$SECONDS
+  echo "=== $stage: $*"
+  "$@" 2>&1 | tee "$OUT/$stage.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-9s rc=%-3s %4ss  %s' "$stage" "$rc" $((SECONDS - t0)) "$(tail -n 1 "$OUT/$stage.log" | cut -c1-90)")")
+}
+
+for stage in "$@"; do
+  case $stage in
+    probe)
+      if [ -d .whl ]; then
+        python3 -m pip install -q --no-index --no-deps --target /tmp/kvmsg .whl/*.whl
+      fi
+      run gpuinfo bash -c 'nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv;
+        nvidia-smi topo -m; python3 -c "import torch, cuda.bindings as cb;
+print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
+      run transport python3 benchmarks/transport_bench.py
+      ;;
+    install)
+      run install bash -c "bash .gpu-bundle/install-bundle.sh install &&
+        python3 -m pip install -q --no-deps --no-build-isolation --target $SITE . &&
+        python3 -c 'import vllm, kvmkt_connector; print(vllm.__version__)'"
+      ;;
+    tests)
+      run tests python3 -m pytest -s -q -p no:cacheprovider tests/gpu tests/unit/test_native.py
+      ;;
+    demo)
+      run demo python3 -m kvmkt_connector.demo --device cuda --llama8b-dummy \
+        --prefix-tokens 16384 --questions 2 --workdir /tmp/kvmkt-demo
+      cp /tmp/kvmkt-demo/engine-*.log "$OUT"/ 2>/dev/null
+      ;;
+    ttft)
+      run ttft python3 benchmarks/ttft_bench.py --out "$OUT"
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+
+echo
+echo "== gpu_session summary =="
+printf '%s\n' "${summary[@]}"
