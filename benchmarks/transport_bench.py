@@ -47,7 +47,8 @@ def _checksums(caches) -> list:
     """Per page: the sum of its bytes read as int64 (exact, wraps on overflow)."""
     import torch
 
-    return [t.view(t.shape[0], -1).view(torch.int64).sum(dim=1).cpu() for t in caches.values()]
+    return [t.view(t.shape[0], -1).view(torch.int64).sum(dim=1).cpu().numpy()
+            for t in caches.values()]
 
 
 def exporter(conn, args) -> None:
