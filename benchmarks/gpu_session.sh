@@ -52,7 +52,8 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
     demo)
       run demo python3 -m kvmkt_connector.demo --device cuda --llama8b-dummy \
         --prefix-tokens 16384 --questions 2 --workdir /tmp/kvmkt-demo
-      cp /tmp/kvmkt-demo/engine-*.log "$OUT"/ 2>/dev/null
+      mkdir -p "$OUT/logs"
+      for f in /tmp/kvmkt-demo/engine-*.log; do cp "$f" "$OUT/logs/demo-$(basename "$f")"; done
       ;;
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT"
@@ -61,6 +62,8 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
   esac
 done
 
+# At most 8 files come back: engine logs and reports travel as one tarball.
+if [ -d "$OUT/logs" ]; then tar -C "$OUT" -czf "$OUT/logs.tgz" logs && rm -rf "$OUT/logs"; fi
 echo
 echo "== gpu_session summary =="
 printf '%s\n' "${summary[@]}"

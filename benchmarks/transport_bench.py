@@ -52,7 +52,7 @@ def _checksums(caches) -> list:
 
 
 def exporter(conn, args) -> None:
-    os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # the exporter's GPU is GPU0 in every mode
     try:
         import msgspec
         import torch
@@ -133,9 +133,11 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
         result["load_s"] = statistics.median(full_load() for _ in range(args.reps))
         result["batch_memcpy_s"] = _batch_memcpy(plan, args.reps)
 
-        # baseline: 1 GiB torch peer copy GPU0 -> GPU1 (this process sees both GPUs)
-        if torch.cuda.device_count() > 1:
-            a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:1").random_()
+        # baseline: 1 GiB torch copy from the exporter's GPU to ours (peer copy GPU0 -> GPU1
+        # on a pair; a device-to-device copy when both processes share one GPU)
+        if torch.cuda.device_count() > 1 or args.same_gpu:
+            a = torch.empty(1 << 30, dtype=torch.uint8,
+                            device="cuda:0" if args.same_gpu else "cuda:1").random_()
             b = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
             timed(lambda: b.copy_(a, non_blocking=True), 3)
             result["peer_1gib_s"] = timed(lambda: b.copy_(a, non_blocking=True), args.reps)
@@ -183,6 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dst-blocks", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args(argv)
+    import torch
+
+    args.same_gpu = torch.cuda.device_count() < 2  # one GPU: both processes share it
     ctx = mp.get_context("spawn")
     exp_conn, child = ctx.Pipe()
     exp = ctx.Process(target=exporter, args=(child, args))
@@ -192,7 +197,8 @@ def main(argv=None) -> int:
         print(desc_blob)
         return 1
     rows = []
-    for visible, full in (("1,0", True), ("1", False)):
+    modes = (("0", True),) if args.same_gpu else (("1,0", True), ("1", False))
+    for visible, full in modes:
         conn, child = ctx.Pipe()
         p = ctx.Process(target=importer, args=(child, args, desc_blob, sums, visible, full))
         p.start()
@@ -204,17 +210,20 @@ def main(argv=None) -> int:
         rows.append(result)
     exp_conn.send("done")
     exp.join()
-    full, iso = rows
+    full, iso = rows[0], rows[-1]
     gb = full["bytes"] / 1e9
     peak = 1.0737 / full["peer_1gib_s"] if full.get("peer_1gib_s") else None
-    print("\n== kvmkt transport bench: cross-process import GPU0 -> GPU1 over CUDA IPC ==")
+    where = ("both processes on GPU0 (one GPU: no NVLink involved)" if args.same_gpu
+             else "GPU0 -> GPU1 over NVLink")
+    print(f"\n== kvmkt transport bench: cross-process import over CUDA IPC, {where} ==")
     print(f"KV: {args.layers} layers x {args.pages} pages x {args.page_kib} KiB = {gb:.2f} GB, "
           f"random scattered src/dst blocks")
     print(f"correctness: bad pages {full['bad_pages']}/{full['pages']}, untouched dst pages "
-          f"written {full['dirty_untouched']}; with CUDA_VISIBLE_DEVICES=1 only: bad pages "
-          f"{iso['bad_pages']}/{iso['pages']}")
+          f"written {full['dirty_untouched']}" + ("" if args.same_gpu else
+          f"; importer with CUDA_VISIBLE_DEVICES=1 only: bad pages {iso['bad_pages']}/{iso['pages']}"))
     print(f"{'path':<34}{'time (ms)':>12}{'GB/s':>10}{'x peak':>9}")
-    for name, key, size in (("torch peer copy 1 GiB (peak)", "peer_1gib_s", 1.0737),
+    base_name = "torch D2D copy 1 GiB (peak)" if args.same_gpu else "torch peer copy 1 GiB (peak)"
+    for name, key, size in ((base_name, "peer_1gib_s", 1.0737),
                             ("kvmkt kernel (prepared plan)", "kernel_s", gb),
                             ("kvmkt load() end to end", "load_s", gb),
                             ("cuMemcpyBatchAsync (lists)", "batch_memcpy_s", gb)):

@@ -6,6 +6,7 @@ A CPU engine starts in ~45 s on two cores, so each test module starts its engine
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,13 @@ class Cluster:
     def close(self) -> None:
         for engine in self.engines.values():
             engine.stop()
+        out = os.environ.get("OUT")  # on the GPU host: keep the engine logs
+        if out:
+            os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+            for name in self.engines:
+                src = os.path.join(self.workdir, f"engine-{name}.log")
+                if os.path.exists(src):
+                    shutil.copy(src, os.path.join(out, "logs", f"engine-{name}.log"))
         self.registry.terminate()
         self.registry.wait(10)
 

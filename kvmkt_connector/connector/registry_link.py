@@ -110,12 +110,13 @@ class RegistryLink:
         return None
 
     def hint(self, keys: list[bytes]) -> int:
-        """Shared-memory longest-run hint (no round trip); 0 when unknown."""
+        """Shared-memory bound on the longest run (no round trip; >= the exact run, which
+        the lease then returns); 0 when unknown."""
         client = self._connected()
         if client is None:
             return 0
         try:
-            return client.longest_run_hint(keys)
+            return client.run_bound_hint(keys)
         except Exception as e:  # a torn or re-mapped table: the lease would decide anyway
             logger.debug("kvmkt: lookup hint failed: %s", e)
             return 0

@@ -98,15 +98,19 @@ class EngineProcess:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, args=(child, llm_kwargs, env or {}, log_path))
         self.log_path = log_path
+        self._ready = False
         self._proc.start()
 
     def wait_ready(self, timeout_s: float = 600) -> None:
+        if self._ready:
+            return
         if not self._conn.poll(timeout_s):
             self.kill()
             raise TimeoutError(f"engine not ready after {timeout_s} s (log: {self.log_path})")
         status, payload = self._conn.recv()
         if status != "ready":
             raise RuntimeError(f"engine failed to start:\n{payload}")
+        self._ready = True
 
     def _call(self, cmd: str, args: Any = None, timeout_s: float = 600) -> Any:
         self._conn.send((cmd, args))

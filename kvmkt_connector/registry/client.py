@@ -1,0 +1,268 @@
+"""``RegistryClient``: a blocking, thread-safe client of the node's prefix registry.
+
+One request at a time per client (a lock spans each request/reply pair). Any transport
+failure (connect, timeout, lost connection, a reply that makes no sense) raises
+``RegistryUnavailable`` and leaves the client broken: callers make a new one. An
+``ErrorReply`` raises ``RegistryError``; the client stays usable unless the server closed
+the connection with it (bad_frame, bad_version).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from typing import TypeVar
+
+import msgspec
+
+from . import paths
+from .autostart import ensure_registry
+from .errors import RegistryError, RegistryUnavailable
+from .framing import FrameError, decode_reply, encode_frame, frame_length
+from .lookup_table import LookupTable
+from .protocol import (
+    FRAME_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    HolderAccepted,
+    HolderInfo,
+    HolderList,
+    Lease,
+    LeaseGranted,
+    ListHolders,
+    Lookup,
+    LookupResult,
+    NoMatch,
+    Ok,
+    Publish,
+    Published,
+    Reclaim,
+    Reclaimed,
+    RegisterHolder,
+    RegistryStatus,
+    ReleaseLeases,
+    Reply,
+    Status,
+    Sync,
+    Synced,
+    Unpublish,
+    Unpublished,
+)
+
+__all__ = ["RegistryClient", "RegistryError", "RegistryUnavailable"]
+
+_R = TypeVar("_R", bound=msgspec.Struct)
+_FATAL_CODES = frozenset({"bad_frame", "bad_version"})  # the server closes after these
+_RECV_BYTES = 64 << 10
+
+
+class RegistryClient:
+    def __init__(self, sock: socket.socket, socket_path: str, client_name: str) -> None:
+        self.socket_path = socket_path
+        self.client_name = client_name
+        self.holder_id: int | None = None
+        self.holder_bit: int | None = None
+        self.server_pid: int | None = None
+        self.lookup_table_path = ""
+        self._sock: socket.socket | None = sock
+        self._lock = threading.Lock()
+        self._rbuf = bytearray()
+        self._table: LookupTable | None = None
+
+    @classmethod
+    def connect(
+        cls,
+        socket_path: str | None = None,
+        *,
+        client_name: str,
+        autostart: bool = True,
+        timeout_s: float = 1.0,
+    ) -> RegistryClient:
+        """Connect and say Hello; with ``autostart`` start a registry if none runs.
+
+        Every failure, a bad socket path or an unsafe socket directory included, raises
+        RegistryUnavailable (with the reason in its message).
+        """
+        try:
+            path = paths.check_socket_path(socket_path or paths.default_socket_path())
+        except ValueError as exc:
+            raise RegistryUnavailable(str(exc)) from exc
+        try:
+            return cls._connect_once(path, client_name, timeout_s)
+        except RegistryUnavailable:
+            if not autostart:
+                raise
+        # None listened, or one was exiting for idleness just as we came: start one.
+        try:
+            ensure_registry(path, timeout_s=max(10.0, timeout_s))
+        except (OSError, RuntimeError) as exc:  # UnsafePathError is a RuntimeError
+            raise RegistryUnavailable(f"cannot start a registry at {path}: {exc}") from exc
+        return cls._connect_once(path, client_name, timeout_s)
+
+    @classmethod
+    def _connect_once(cls, path: str, client_name: str, timeout_s: float) -> RegistryClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            sock.close()
+            raise RegistryUnavailable(f"cannot connect to registry at {path}: {exc}") from exc
+        client = cls(sock, path, client_name)
+        hello = client._call(Hello(PROTOCOL_VERSION, client_name, os.getpid()), HelloReply)
+        client.server_pid = hello.server_pid
+        client.lookup_table_path = hello.lookup_table_path
+        return client
+
+    # ------------------------------------------------------------ holder side
+
+    def register_holder(
+        self,
+        namespace: bytes,
+        name: str,
+        fingerprint: bytes,
+        descriptor: bytes,
+        cleanup_paths: Sequence[str] = (),
+    ) -> HolderAccepted:
+        request = RegisterHolder(
+            namespace=namespace, name=name, pid=os.getpid(), fingerprint=fingerprint,
+            descriptor=descriptor, cleanup_paths=list(cleanup_paths),
+        )  # fmt: skip
+        accepted = self._call(request, HolderAccepted)
+        self.holder_id, self.holder_bit = accepted.holder_id, accepted.holder_bit
+        return accepted
+
+    def publish(self, keys: Sequence[bytes], locations: Sequence[int]) -> list[int]:
+        """List entries; returns locations the registry released (reusable now)."""
+        return self._call(Publish(list(keys), list(locations)), Published).released
+
+    def reclaim(self, count: int) -> list[int]:
+        return self._call(Reclaim(count), Reclaimed).released
+
+    def unpublish(self, locations: Sequence[int]) -> tuple[list[int], int]:
+        """Returns (released now, number still leased that come back later via sync)."""
+        reply = self._call(Unpublish(list(locations)), Unpublished)
+        return reply.released, reply.pending
+
+    def sync(self) -> list[int]:
+        return self._call(Sync(), Synced).released
+
+    # ------------------------------------------------------------ importer side
+
+    def lookup(self, namespace: bytes, keys: Sequence[bytes]) -> tuple[int | None, int]:
+        reply = self._call(Lookup(namespace, list(keys)), LookupResult)
+        return reply.holder_id, reply.num_blocks
+
+    def longest_run_hint(self, keys: Sequence[bytes]) -> int:
+        """Shared-memory estimate of ``lookup(...)[1]`` without an RPC (excludes us).
+
+        A hint: confirm with ``lease`` before importing anything.
+        """
+        table = self._table
+        if table is None:
+            table = self._open_table()
+        return table.longest_run(keys, self.holder_bit)
+
+    def run_bound_hint(self, keys: Sequence[bytes]) -> int:
+        """Upper bound of ``longest_run_hint`` in O(log n) probes (the connector's fast path:
+        it asks ``lease`` for ``keys[:bound]``, which answers the exact run)."""
+        table = self._table
+        if table is None:
+            table = self._open_table()
+        return table.run_upper_bound(keys, self.holder_bit)
+
+    def lease(
+        self, namespace: bytes, keys: Sequence[bytes], ttl_ms: int, min_blocks: int = 1
+    ) -> LeaseGranted | None:
+        reply = self._call(Lease(namespace, list(keys), ttl_ms, min_blocks), LeaseGranted, NoMatch)
+        return None if isinstance(reply, NoMatch) else reply
+
+    def release_leases(self, lease_ids: Sequence[int]) -> None:
+        self._call(ReleaseLeases(list(lease_ids)), Ok)
+
+    # ------------------------------------------------------------ diagnostics
+
+    def list_holders(self) -> list[HolderInfo]:
+        return self._call(ListHolders(), HolderList).holders
+
+    def status(self) -> RegistryStatus:
+        return self._call(Status(), RegistryStatus)
+
+    @property
+    def broken(self) -> bool:
+        return self._sock is None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_socket()
+        self._table = None
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _open_table(self) -> LookupTable:
+        if not self.lookup_table_path:
+            raise RegistryUnavailable("the registry offers no lookup table")
+        try:
+            self._table = LookupTable.open(self.lookup_table_path)
+        except (OSError, ValueError) as exc:
+            raise RegistryUnavailable(f"cannot map the lookup table: {exc}") from exc
+        return self._table
+
+    def _call(self, request: msgspec.Struct, *expected: type[_R]) -> _R:
+        try:
+            frame = encode_frame(request)
+        except FrameError as exc:  # our request is too big: the caller's problem, not fatal
+            raise RegistryError("bad_request", str(exc)) from exc
+        with self._lock:
+            if self._sock is None:
+                raise RegistryUnavailable("registry client is closed or broken; reconnect")
+            try:
+                self._sock.sendall(frame)
+                reply = self._read_reply()
+            except (OSError, FrameError) as exc:  # socket.timeout is an OSError
+                self._close_socket()
+                raise RegistryUnavailable(f"registry connection failed: {exc}") from exc
+            if isinstance(reply, ErrorReply):
+                if reply.code in _FATAL_CODES:
+                    self._close_socket()
+                raise RegistryError(reply.code, reply.message)
+            if not isinstance(reply, expected):
+                self._close_socket()
+                raise RegistryUnavailable(
+                    f"registry answered {type(reply).__name__} to {type(request).__name__}"
+                )
+            return reply
+
+    def _read_reply(self) -> Reply:
+        buf, sock = self._rbuf, self._sock
+        while len(buf) < FRAME_HEADER_BYTES:
+            self._recv_some(sock, buf)
+        end = FRAME_HEADER_BYTES + frame_length(buf)
+        while len(buf) < end:
+            self._recv_some(sock, buf)
+        payload = bytes(buf[FRAME_HEADER_BYTES:end])
+        del buf[:end]
+        return decode_reply(payload)
+
+    @staticmethod
+    def _recv_some(sock: socket.socket, buf: bytearray) -> None:
+        chunk = sock.recv(_RECV_BYTES)
+        if not chunk:
+            raise ConnectionResetError("registry closed the connection")
+        buf += chunk
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._rbuf.clear()

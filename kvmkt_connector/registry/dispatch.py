@@ -1,0 +1,158 @@
+"""Protocol semantics: what each request does to the ``PrefixRegistry`` and what it answers.
+
+Kept apart from the socket loop (``service``) so the rules of a connection's life (Hello
+first, holders only for holder requests, errors that close) read in one place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from .index import PrefixRegistry
+from .protocol import (
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    HolderAccepted,
+    HolderList,
+    Lease,
+    ListHolders,
+    Lookup,
+    LookupResult,
+    NoMatch,
+    Ok,
+    Publish,
+    Published,
+    Reclaim,
+    Reclaimed,
+    RegisterHolder,
+    RegistryStatus,
+    ReleaseLeases,
+    Reply,
+    Request,
+    Status,
+    Sync,
+    Synced,
+    Unpublish,
+    Unpublished,
+)
+from .records import RequestRejected
+
+
+class Session:
+    """Protocol state of one connection."""
+
+    __slots__ = ("greeted", "client", "pid", "holder_id", "closing")
+
+    def __init__(self) -> None:
+        self.greeted = False
+        self.client = ""
+        self.pid = 0
+        self.holder_id: int | None = None
+        self.closing = False  # the connection ends once this reply is sent
+
+
+class RequestDispatcher:
+    def __init__(self, registry: PrefixRegistry, lookup_table_path: str) -> None:
+        self.registry = registry
+        self._lookup_table_path = lookup_table_path
+        self._started_at = time.monotonic()
+        self._handlers: dict[type, Callable[[Session, Request], Reply]] = {
+            Hello: self._on_hello, RegisterHolder: self._on_register, Publish: self._on_publish,
+            Lookup: self._on_lookup, Lease: self._on_lease, ReleaseLeases: self._on_release,
+            Reclaim: self._on_reclaim, Unpublish: self._on_unpublish, Sync: self._on_sync,
+            ListHolders: self._on_list_holders, Status: self._on_status,
+        }  # fmt: skip
+
+    def handle(self, session: Session, request: Request) -> Reply:
+        """The reply to ``request``; sets ``session.closing`` when the connection must end."""
+        if not session.greeted and not isinstance(request, Hello):
+            return ErrorReply(code="no_hello", message="send Hello first")
+        try:
+            return self._handlers[type(request)](session, request)
+        except RequestRejected as exc:
+            return ErrorReply(code=exc.code, message=exc.message)
+
+    def _holder_id(self, session: Session) -> int:
+        if session.holder_id is None:
+            raise RequestRejected("not_holder", "this connection has not registered a holder")
+        return session.holder_id
+
+    def _on_hello(self, session: Session, req: Hello) -> Reply:
+        if req.protocol_version != PROTOCOL_VERSION:
+            session.closing = True
+            return ErrorReply(
+                code="bad_version",
+                message=f"server speaks protocol {PROTOCOL_VERSION}, got {req.protocol_version}",
+            )
+        if session.greeted:
+            raise RequestRejected("bad_request", "Hello was already sent on this connection")
+        session.greeted, session.client, session.pid = True, req.client, req.pid
+        return HelloReply(PROTOCOL_VERSION, os.getpid(), self._lookup_table_path)
+
+    def _on_register(self, session: Session, req: RegisterHolder) -> Reply:
+        if session.holder_id is not None:
+            raise RequestRejected("bad_request", "this connection already is a holder")
+        if req.pid <= 0:
+            raise RequestRejected("bad_request", f"bad pid {req.pid}")
+        if any(not os.path.isabs(p) for p in req.cleanup_paths):
+            raise RequestRejected("bad_request", "cleanup_paths must be absolute")
+        holder = self.registry.register_holder(
+            namespace=req.namespace, name=req.name, pid=req.pid, fingerprint=req.fingerprint,
+            descriptor=req.descriptor, cleanup_paths=req.cleanup_paths,
+        )  # fmt: skip
+        session.holder_id = holder.holder_id
+        return HolderAccepted(holder.holder_id, holder.bit)
+
+    def _on_publish(self, session: Session, req: Publish) -> Reply:
+        accepted, released = self.registry.publish(
+            self._holder_id(session), req.keys, req.locations
+        )
+        return Published(accepted, released)
+
+    def _on_lookup(self, session: Session, req: Lookup) -> Reply:
+        holder_id, run = self.registry.longest_run(req.namespace, req.keys, session.holder_id)
+        return LookupResult(holder_id, run)
+
+    def _on_lease(self, session: Session, req: Lease) -> Reply:
+        granted = self.registry.lease(
+            req.namespace, req.keys, req.ttl_ms, req.min_blocks, session.holder_id
+        )
+        return NoMatch() if granted is None else granted
+
+    def _on_release(self, session: Session, req: ReleaseLeases) -> Reply:
+        self.registry.release_leases(req.lease_ids)
+        return Ok()
+
+    def _on_reclaim(self, session: Session, req: Reclaim) -> Reply:
+        return Reclaimed(self.registry.reclaim(self._holder_id(session), req.count))
+
+    def _on_unpublish(self, session: Session, req: Unpublish) -> Reply:
+        released, pending = self.registry.unpublish(self._holder_id(session), req.locations)
+        return Unpublished(released, pending)
+
+    def _on_sync(self, session: Session, req: Sync) -> Reply:
+        return Synced(self.registry.sync(self._holder_id(session)))
+
+    def _on_list_holders(self, session: Session, req: ListHolders) -> Reply:
+        return HolderList(self.registry.holder_infos())
+
+    def _on_status(self, session: Session, req: Status) -> Reply:
+        reg, counters = self.registry, self.registry.counters
+        return RegistryStatus(
+            server_pid=os.getpid(),
+            uptime_s=time.monotonic() - self._started_at,
+            capacity_blocks=reg.capacity_blocks,
+            published_blocks=reg.published_blocks,
+            active_leases=reg.active_leases,
+            holders=reg.holder_infos(),
+            lookups=counters.lookups,
+            lease_requests=counters.lease_requests,
+            leases_granted=counters.leases_granted,
+            blocks_leased=counters.blocks_leased,
+            blocks_released_lru=counters.blocks_released_lru,
+            holders_lost=counters.holders_lost,
+        )

@@ -1,0 +1,78 @@
+"""Records of ``PrefixRegistry``'s state: holders, entries, leases, counters."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class RequestRejected(Exception):
+    """A request the registry refuses; ``code`` is the protocol's ErrorReply code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class KeyListener(Protocol):
+    """Told when a (key, holder) pair starts or stops being listed (the lookup table)."""
+
+    def key_listed(self, key: bytes, holder_bit: int) -> None: ...
+
+    def key_unlisted(self, key: bytes, holder_bit: int) -> None: ...
+
+
+class Entry:
+    __slots__ = ("holder", "key", "location", "lease_count", "retiring", "dead")
+
+    def __init__(self, holder: Holder, key: bytes, location: int) -> None:
+        self.holder = holder
+        self.key = key
+        self.location = location
+        self.lease_count = 0
+        self.retiring = False  # withdrawn while leased: location released when leases end
+        self.dead = False  # no longer the holder's (released, overwritten, holder gone)
+
+
+@dataclass(slots=True, eq=False)
+class Holder:
+    """One registered instance: identity, transport descriptor and its entries."""
+
+    holder_id: int  # unique for the registry's lifetime, grows with registration time
+    bit: int  # its bit in the lookup table; reused after the holder is dropped
+    name: str
+    pid: int
+    namespace: bytes
+    fingerprint: bytes
+    descriptor: bytes
+    cleanup_paths: list[str]
+    by_location: dict[int, Entry] = field(default_factory=dict)  # retiring ones included
+    lru: OrderedDict[Entry, None] = field(default_factory=OrderedDict)  # listed, unleased
+    released: dict[int, None] = field(default_factory=dict)  # to deliver, oldest first
+    listed: int = 0  # entries visible to lookups
+    leased: int = 0  # entries with a live lease (retiring ones included)
+    lease_ids: set[int] = field(default_factory=set)
+
+
+class Lease:
+    __slots__ = ("lease_id", "holder", "entries", "expires_at_ns")
+
+    def __init__(self, lease_id: int, holder: Holder, entries: list[Entry], expires: int):
+        self.lease_id = lease_id
+        self.holder = holder
+        self.entries = entries
+        self.expires_at_ns = expires
+
+
+@dataclass(slots=True)
+class RegistryCounters:
+    """Monotonic counters for ``Status`` and Prometheus."""
+
+    lookups: int = 0
+    lease_requests: int = 0
+    leases_granted: int = 0
+    blocks_leased: int = 0
+    blocks_released_lru: int = 0
+    holders_lost: int = 0

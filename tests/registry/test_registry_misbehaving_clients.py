@@ -1,0 +1,211 @@
+"""Broken or hostile clients get the documented error (or a close); others keep being served."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import msgspec
+import pytest
+from registry_helpers import chain, namespace
+
+from kvmkt_connector.registry.client import RegistryError
+from kvmkt_connector.registry.framing import decode_reply, encode_frame, frame_length
+from kvmkt_connector.registry.protocol import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    ErrorReply,
+    Hello,
+    HelloReply,
+    Publish,
+    RegistryStatus,
+    Status,
+)
+
+NS = namespace("robust")
+
+
+class RawConnection:
+    def __init__(self, socket_path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(socket_path)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, message: msgspec.Struct):
+        self.send(encode_frame(message))
+        return self.reply()
+
+    def reply(self):
+        """The next reply, or None if the server closed the connection."""
+        header = self._read(4)
+        if header is None:
+            return None
+        payload = self._read(frame_length(header))
+        return decode_reply(payload)
+
+    def closed_by_server(self) -> bool:
+        return self._read(1) is None
+
+    def hello(self) -> None:
+        assert isinstance(self.request(Hello(PROTOCOL_VERSION, "raw", os.getpid())), HelloReply)
+
+    def _read(self, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frame_of(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+@pytest.fixture
+def served(registry):
+    """A holder with a 6-block chain and a well-behaved client that checks the answer."""
+    keys = chain(NS, list(range(24)))
+    owner = registry.connect("owner")
+    owner.register_holder(NS, "owner", b"", b"")
+    owner.publish(keys, list(range(6)))
+    good = registry.connect("good")
+
+    def still_served() -> None:
+        assert good.lookup(NS, keys) == (owner.holder_id, 6)
+        assert good.longest_run_hint(keys) == 6
+
+    still_served()
+    return registry, still_served
+
+
+def expect_error_then_close(conn: RawConnection, code: str) -> None:
+    reply = conn.reply()
+    assert isinstance(reply, ErrorReply) and reply.code == code, reply
+    assert conn.closed_by_server()
+
+
+def test_truncated_frame_then_close(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    conn.hello()
+    frame = encode_frame(Status())
+    conn.send(frame[:-2])
+    conn.close()
+    still_served()
+
+
+def test_truncated_frame_left_hanging_does_not_block_others(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    conn.hello()
+    conn.send(struct.pack(">I", 1000) + b"\x81")  # announces 1000 bytes, sends 1
+    still_served()
+    conn.close()
+
+
+@pytest.mark.parametrize("greeted", [True, False])
+def test_oversized_length_header(served, greeted: bool) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    if greeted:
+        conn.hello()
+    conn.send(struct.pack(">I", MAX_FRAME_BYTES + 1))
+    expect_error_then_close(conn, "bad_frame")
+    still_served()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1\xc1\xc1 not msgpack",
+        b"",
+        msgspec.msgpack.encode({"op": "frobnicate", "x": 1}),  # unknown op: does not decode
+        msgspec.msgpack.encode({"op": "lookup", "namespace": 5}),  # wrong field types
+        encode_frame(Status())[4:] + b"\x00",  # trailing junk
+    ],
+    ids=["garbage", "empty", "unknown-op", "bad-fields", "trailing-junk"],
+)
+def test_undecodable_payload(served, payload: bytes) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    conn.hello()
+    conn.send(frame_of(payload))
+    expect_error_then_close(conn, "bad_frame")
+    still_served()
+
+
+def test_wrong_protocol_version(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    conn.send(encode_frame(Hello(PROTOCOL_VERSION + 1, "future", os.getpid())))
+    expect_error_then_close(conn, "bad_version")
+    still_served()
+
+
+def test_request_before_hello_keeps_the_connection(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    reply = conn.request(Status())
+    assert isinstance(reply, ErrorReply) and reply.code == "no_hello"
+    conn.hello()
+    assert isinstance(conn.request(Status()), RegistryStatus)
+    still_served()
+
+
+def test_holder_requests_from_a_non_holder(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    conn.hello()
+    reply = conn.request(Publish([b"k" * 16], [1]))
+    assert isinstance(reply, ErrorReply) and reply.code == "not_holder"
+    assert isinstance(conn.request(Status()), RegistryStatus)  # still open
+    still_served()
+    # Through the client: a RegistryError, and the client stays usable.
+    client = registry.connect("not-a-holder")
+    for call in (lambda: client.sync(), lambda: client.reclaim(1), lambda: client.unpublish([1])):
+        with pytest.raises(RegistryError) as err:
+            call()
+        assert err.value.code == "not_holder"
+    assert client.status().published_blocks == 6
+
+
+def test_nonsense_requests_get_bad_request(served) -> None:
+    registry, still_served = served
+    holder = registry.connect("holder")
+    holder.register_holder(NS, "holder", b"", b"")
+    cases = [
+        lambda: holder.publish([b"k" * 16, b"j" * 16], [1]),  # lengths differ
+        lambda: holder.publish([b"short"], [1]),
+        lambda: holder.lease(NS, [b"k" * 16], ttl_ms=0),
+        lambda: holder.register_holder(NS, "twice", b"", b""),
+        lambda: holder.reclaim(-1),
+    ]
+    for call in cases:
+        with pytest.raises(RegistryError) as err:
+            call()
+        assert err.value.code == "bad_request"
+    assert holder.publish([b"k" * 16], [1]) == []  # the connection is fine
+    still_served()
+    with pytest.raises(RegistryError) as err:  # relative cleanup paths are refused
+        registry.connect("x").register_holder(NS, "x", b"", b"", cleanup_paths=["rel/path"])
+    assert err.value.code == "bad_request"
+
+
+def test_many_requests_in_one_write_are_answered_in_order(served) -> None:
+    registry, still_served = served
+    conn = RawConnection(registry.socket_path)
+    frames = encode_frame(Hello(PROTOCOL_VERSION, "pipelined", os.getpid()))
+    frames += b"".join(encode_frame(Status()) for _ in range(50))
+    conn.send(frames)
+    assert isinstance(conn.reply(), HelloReply)
+    assert all(isinstance(conn.reply(), RegistryStatus) for _ in range(50))
+    still_served()
