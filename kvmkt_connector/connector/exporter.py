@@ -15,6 +15,10 @@ Either way we reuse a location only after the registry released it, and the regi
 releases a leased entry: that is the whole lifetime protocol. If the registry is lost,
 leases it granted may still be running, so everything we had published is quarantined for
 ``lease_ttl_s`` before reuse.
+
+Registry traffic goes through ``HolderChannel`` (a background thread): publishing never
+delays a request; what the registry answers (released locations, failed publishes) is
+applied once per scheduler step in ``tick``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import time
 from typing import TYPE_CHECKING
 
 from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.holder_channel import HolderChannel
 from kvmkt_connector.connector.metadata import SaveJob
-from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
@@ -42,7 +46,7 @@ class ExportLedger:
         self,
         cfg: MarketplaceConfig,
         block_size: int,
-        link: RegistryLink,
+        channel: HolderChannel,
         stats: MarketplaceStats,
         pool: BlockPool,
         staged_slots: int | None,
@@ -50,7 +54,7 @@ class ExportLedger:
         """``staged_slots``: slots of the export region (host_shm), None for in-place export."""
         self._cfg = cfg
         self._bs = block_size
-        self._link = link
+        self._channel = channel
         self._stats = stats
         self._pool = pool
         self.staged = staged_slots is not None
@@ -66,9 +70,8 @@ class ExportLedger:
         self._pending_jobs: list[SaveJob] = []
         self._quarantine: list[tuple[float, list[int]]] = []
         self._quarantined: set[int] = set()
-        self._generation = link.generation
+        self._generation = channel.generation
         self._next_job = 0
-        self._next_sync = 0.0
 
     # ------------------------------------------------------------ export
 
@@ -76,8 +79,9 @@ class ExportLedger:
         # Blocks below the last sampled token are computed and final (see README: lifetime).
         done_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         n = min(len(block_ids), done_tokens // self._bs)
-        if n == 0 or not self._registry_current():
+        if n == 0 or not self._channel.connected:
             return
+        self._check_generation()
         all_keys = keys.extend(request.all_token_ids, upto=n * self._bs)[:n]
         new = [i for i in range(n) if all_keys[i] not in self._location_of]
         # Only a prefix is useful to importers: keep the first blocks that fit.
@@ -103,11 +107,10 @@ class ExportLedger:
         self._update_gauges()
 
     def _make_room(self, wanted: int) -> int:
+        """How many of ``wanted`` fit now; asks the registry to free the rest for later."""
         short = wanted - (self._capacity - self._used())
         if short > 0:
-            released = self._link.call(lambda c: c.reclaim(short))
-            if released:
-                self._forget(released)
+            self._channel.reclaim(short)
         return max(0, min(wanted, self._capacity - self._used()))
 
     def _used(self) -> int:
@@ -119,13 +122,7 @@ class ExportLedger:
             self._key_at[loc] = key
 
     def _publish(self, keys: list[bytes], locations: list[int]) -> None:
-        released = self._link.call(lambda c: c.publish(keys, locations))
-        if released is None:  # not listed anywhere: take the pages back at once
-            self._forget(locations)
-            return
-        self._stats.count("exported_blocks", len(keys))
-        if released:
-            self._forget(released)
+        self._channel.publish(keys, locations)
 
     def has_pending(self) -> bool:
         return bool(self._pending_jobs or self._staging)
@@ -168,39 +165,39 @@ class ExportLedger:
             self._pool.free_blocks(unpin)
         self._stats.count("released_blocks", len(locations))
 
-    def _registry_current(self) -> bool:
-        """False while the registry is unreachable; after a reconnect, quarantine the past."""
-        if self._link.call(lambda c: True) is None:
-            return False
-        if self._link.generation != self._generation:
-            self._generation = self._link.generation
-            gone = [loc for loc in self._key_at if loc not in self._staging_slots()]
-            if gone:
-                logger.warning(
-                    "kvmkt: the registry was replaced; %d exported pages stay untouched for "
-                    "%.0f s in case an importer still reads them", len(gone), self._cfg.lease_ttl_s,
-                )
-                for loc in gone:
-                    self._location_of.pop(self._key_at.pop(loc), None)
-                self._quarantined.update(gone)
-                self._quarantine.append((time.monotonic() + self._cfg.lease_ttl_s, gone))
-        return True
+    def _check_generation(self) -> None:
+        """After the holder re-registered, what we published before may still be leased by
+        importers of the old registry: keep those pages untouched for a lease TTL."""
+        if self._channel.generation == self._generation:
+            return
+        self._generation = self._channel.generation
+        gone = [loc for loc in self._key_at if loc not in self._staging_slots()]
+        if gone:
+            logger.warning(
+                "kvmkt: re-registered with the registry; %d exported pages stay untouched for "
+                "%.0f s in case an importer still reads them", len(gone), self._cfg.lease_ttl_s,
+            )
+            for loc in gone:
+                self._location_of.pop(self._key_at.pop(loc), None)
+            self._quarantined.update(gone)
+            self._quarantine.append((time.monotonic() + self._cfg.lease_ttl_s, gone))
 
     def _staging_slots(self) -> set[int]:
         return {s for _, _, slots in self._staging.values() for s in slots}
 
     def tick(self) -> None:
-        """Once per scheduler step: collect released pages, end quarantines (rate-limited)."""
+        """Once per scheduler step: apply the registry's answers, end quarantines."""
+        for event in self._channel.take_events():
+            if event.generation != self._generation and event.kind != "published":
+                continue  # about an older registration: _check_generation covers it
+            if event.kind == "published":
+                self._stats.count("exported_blocks", len(event.locations))
+            else:  # released, or publish_failed: either way not listed, ours to reuse
+                self._forget(event.locations)
+        self._check_generation()
         now = time.monotonic()
-        if now < self._next_sync:
-            return
-        self._next_sync = now + self._cfg.registry_sync_interval_ms / 1000
         while self._quarantine and self._quarantine[0][0] <= now:
             self._forget(self._quarantine.pop(0)[1])
-        if self._key_at and self._registry_current():
-            released = self._link.call(lambda c: c.sync())
-            if released:
-                self._forget(released)
         self._update_gauges()
 
     def _update_gauges(self) -> None:
@@ -213,7 +210,7 @@ class ExportLedger:
         locations = [loc for loc in self._key_at if loc not in self._staging_slots()]
         if not locations:
             return True
-        result = self._link.call(lambda c: c.unpublish(locations))
+        result = self._channel.unpublish_and_wait(locations, self._cfg.registry_timeout_ms / 1000)
         if result is None:
             return False
         released, pending = result
@@ -223,6 +220,7 @@ class ExportLedger:
 
     def shutdown(self) -> None:
         """Engine exit: our connection closing withdraws everything from the registry."""
+        self._channel.close()
         pins = list(self._pinned.values()) + [b for blocks, _, _ in self._staging.values() for b in blocks]
         if pins:
             self._pool.free_blocks(pins)

@@ -79,8 +79,9 @@ class ImportPlanner:
             self._stats.count("fallback_miss")
             return 0
         ttl_ms = int(self._cfg.lease_ttl_s * 1000)
+        own = self._link.own_holder_id
         grant = self._link.call(
-            lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks)
+            lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
         )
         if grant is None:
             self._stats.count("fallback_miss")

@@ -1,10 +1,10 @@
-"""The scheduler's connection to the node-local registry.
+"""The scheduler's importing connection to the node-local registry (hint, lease, release).
 
 The registry is an optimisation, never a dependency: when it cannot be reached every call
 here returns ``None`` (the caller falls back to normal prefill), and the link stays away for
 ``registry_retry_s`` before trying again, so a dead registry costs one timeout per retry
-period, not one per request. After a reconnect the holder registers again; ``generation``
-tells the exporter that everything it had published is gone.
+period, not one per request. Exporting goes through ``HolderChannel`` (its own connection,
+on a background thread); lookups here skip that holder, i.e. this instance itself.
 """
 
 from __future__ import annotations
@@ -15,22 +15,13 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.holder_channel import HolderChannel
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.client import RegistryClient, RegistryError, RegistryUnavailable
 
 logger = get_logger(__name__)
 T = TypeVar("T")
-
-
-class HolderRegistration:
-    def __init__(
-        self, namespace: bytes, name: str, fingerprint: bytes, descriptor: bytes,
-        cleanup_paths: list[str],
-    ) -> None:
-        self.namespace, self.name = namespace, name
-        self.fingerprint, self.descriptor = fingerprint, descriptor
-        self.cleanup_paths = cleanup_paths
 
 
 class RegistryLink:
@@ -40,26 +31,15 @@ class RegistryLink:
         self._stats = stats
         self._client: RegistryClient | None = None
         self._retry_at = 0.0
-        self._holder: HolderRegistration | None = None
-        self.generation = 0  # bumped on every (re)registration as holder
-        self.lost_at: float | None = None  # monotonic time the last connection was lost
-
-    def set_holder(self, registration: HolderRegistration) -> None:
-        """Register as holder now (if connected) and again after every reconnect."""
-        self._holder = registration
-        if self._client is not None:
-            self._register(self._client)
+        self.holder: HolderChannel | None = None  # this instance's exports, to skip
 
     @property
-    def holder_id(self) -> int | None:
-        return self._client.holder_id if self._client is not None else None
+    def own_holder_id(self) -> int | None:
+        return self.holder.holder_id if self.holder is not None else None
 
-    def _register(self, client: RegistryClient) -> None:
-        h = self._holder
-        assert h is not None
-        client.register_holder(h.namespace, h.name, h.fingerprint, h.descriptor, h.cleanup_paths)
-        self.generation += 1
-        logger.info("kvmkt: registered with the registry as holder %d (%s)", client.holder_id, h.name)
+    @property
+    def own_holder_bit(self) -> int | None:
+        return self.holder.holder_bit if self.holder is not None else None
 
     def _connected(self) -> RegistryClient | None:
         if self._client is not None:
@@ -75,8 +55,6 @@ class RegistryLink:
                 timeout_s=self._cfg.registry_timeout_ms / 1000,
             )
             self._client = client
-            if self._holder is not None:
-                self._register(client)
         except Exception as e:  # unreachable, refused, unsafe socket dir: never fatal
             self._down(f"cannot use the registry: {e}")
             return None
@@ -84,7 +62,6 @@ class RegistryLink:
 
     def _down(self, why: str) -> None:
         if self._client is not None:
-            self.lost_at = time.monotonic()
             with contextlib.suppress(Exception):
                 self._client.close()
         self._client = None
@@ -116,7 +93,7 @@ class RegistryLink:
         if client is None:
             return 0
         try:
-            return client.run_bound_hint(keys)
+            return client.run_bound_hint(keys, exclude_bit=self.own_holder_bit)
         except Exception as e:  # a torn or re-mapped table: the lease would decide anyway
             logger.debug("kvmkt: lookup hint failed: %s", e)
             return 0

@@ -20,13 +20,14 @@ from kvmkt_connector.compat import (
 )
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.exporter import ExportLedger
+from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
 )
-from kvmkt_connector.connector.registry_link import HolderRegistration, RegistryLink
+from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
@@ -106,18 +107,17 @@ class MarketplaceScheduler:
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
             rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
             staged = all(isinstance(d, HostShmDescriptor) for d in rank_desc)
-            self._link.set_holder(
-                HolderRegistration(
-                    namespace=self._namespace,
-                    name=self._name,
-                    fingerprint=msgspec.msgpack.encode(self._fp),
-                    descriptor=HolderDescriptor(rank_desc).encode(),
-                    cleanup_paths=[d.path for d in rank_desc if isinstance(d, HostShmDescriptor)],
-                )
-            )
+            channel = HolderChannel(self._cfg, self._name, HolderRegistration(
+                namespace=self._namespace,
+                name=self._name,
+                fingerprint=msgspec.msgpack.encode(self._fp),
+                descriptor=HolderDescriptor(rank_desc).encode(),
+                cleanup_paths=[d.path for d in rank_desc if isinstance(d, HostShmDescriptor)],
+            ))
+            self._link.holder = channel  # lookups skip our own exports
             slots = min(h.export_slots for h in ranks) if staged else None
             self._ledger = ExportLedger(
-                self._cfg, self._block_size, self._link, self.stats, self._pool, slots
+                self._cfg, self._block_size, channel, self.stats, self._pool, slots
             )
         self._check_neighbours()
 

@@ -167,18 +167,21 @@ class RegistryClient:
             table = self._open_table()
         return table.longest_run(keys, self.holder_bit)
 
-    def run_bound_hint(self, keys: Sequence[bytes]) -> int:
+    def run_bound_hint(self, keys: Sequence[bytes], exclude_bit: int | None = None) -> int:
         """Upper bound of ``longest_run_hint`` in O(log n) probes (the connector's fast path:
-        it asks ``lease`` for ``keys[:bound]``, which answers the exact run)."""
+        it asks ``lease`` for ``keys[:bound]``, which answers the exact run). Skips our own
+        holder bit, or ``exclude_bit`` when this connection is not the holder."""
         table = self._table
         if table is None:
             table = self._open_table()
-        return table.run_upper_bound(keys, self.holder_bit)
+        return table.run_upper_bound(keys, self.holder_bit if exclude_bit is None else exclude_bit)
 
     def lease(
-        self, namespace: bytes, keys: Sequence[bytes], ttl_ms: int, min_blocks: int = 1
+        self, namespace: bytes, keys: Sequence[bytes], ttl_ms: int, min_blocks: int = 1,
+        exclude_holder: int | None = None,
     ) -> LeaseGranted | None:
-        reply = self._call(Lease(namespace, list(keys), ttl_ms, min_blocks), LeaseGranted, NoMatch)
+        request = Lease(namespace, list(keys), ttl_ms, min_blocks, exclude_holder)
+        reply = self._call(request, LeaseGranted, NoMatch)
         return None if isinstance(reply, NoMatch) else reply
 
     def release_leases(self, lease_ids: Sequence[int]) -> None:

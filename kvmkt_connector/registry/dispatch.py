@@ -114,12 +114,12 @@ class RequestDispatcher:
         return Published(accepted, released)
 
     def _on_lookup(self, session: Session, req: Lookup) -> Reply:
-        holder_id, run = self.registry.longest_run(req.namespace, req.keys, session.holder_id)
+        holder_id, run = self.registry.longest_run(req.namespace, req.keys, _exclude(session, req))
         return LookupResult(holder_id, run)
 
     def _on_lease(self, session: Session, req: Lease) -> Reply:
         granted = self.registry.lease(
-            req.namespace, req.keys, req.ttl_ms, req.min_blocks, session.holder_id
+            req.namespace, req.keys, req.ttl_ms, req.min_blocks, _exclude(session, req)
         )
         return NoMatch() if granted is None else granted
 
@@ -156,3 +156,8 @@ class RequestDispatcher:
             blocks_released_lru=counters.blocks_released_lru,
             holders_lost=counters.holders_lost,
         )
+
+
+def _exclude(session: Session, req: Lookup | Lease) -> int | None:
+    """The holder a lookup must skip: the one named in the request, else the caller's own."""
+    return req.exclude_holder if req.exclude_holder is not None else session.holder_id

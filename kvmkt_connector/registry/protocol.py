@@ -73,6 +73,8 @@ class Lookup(_Msg, tag="lookup"):
 
     namespace: bytes
     keys: list[bytes]
+    exclude_holder: int | None = None  # also skip this holder (an instance's own, asked
+    # from its non-holder connection)
 
 
 class Lease(_Msg, tag="lease"):
@@ -82,6 +84,7 @@ class Lease(_Msg, tag="lease"):
     keys: list[bytes]
     ttl_ms: int
     min_blocks: int = 1
+    exclude_holder: int | None = None  # as in Lookup
 
 
 class ReleaseLeases(_Msg, tag="release_leases"):

@@ -83,6 +83,7 @@ class CudaIpcImporter:
                        for s, v in zip(layout.segments, layout.views, strict=True)]
         self._mapped: dict[bytes, list] = {}  # handle -> [ptr, last_used, pid]
         self._inflight: list[tuple[torch.cuda.Event, list[bytes], tuple]] = []
+        self._next_sweep = 0.0
         device = layout.device
         major, minor = torch.cuda.get_device_capability(device)
         self._kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", f"sm_{major}{minor}")
@@ -140,14 +141,19 @@ class CudaIpcImporter:
         return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
 
     def sweep(self) -> None:
-        """Close mappings of dead or idle exporters that no copy in flight uses."""
+        """Close mappings of dead or idle exporters that no copy in flight uses (checked at
+        most once a second: it runs every step)."""
         self._inflight = [x for x in self._inflight if not x[0].query()]
-        busy = {h for _, hs, _ in self._inflight for h in hs}
         now = time.monotonic()
+        if now < self._next_sweep or not self._mapped:
+            return
+        self._next_sweep = now + 1.0
+        busy = {h for _, hs, _ in self._inflight for h in hs}
+        alive = {pid: _process_alive(pid) for _, _, pid in self._mapped.values()}
         for handle, (ptr, last, pid) in list(self._mapped.items()):
             if handle in busy:
                 continue
-            if now - last > IDLE_CLOSE_S or not _process_alive(pid):
+            if now - last > IDLE_CLOSE_S or not alive[pid]:
                 with contextlib.suppress(TransferError):
                     cu.close_ipc_handle(ptr)
                 del self._mapped[handle]

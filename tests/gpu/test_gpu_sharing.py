@@ -13,12 +13,13 @@ Two equivalence checks per prompt:
   did, so R's own prefix cache holds the same KV bytes that A exported. B with imported
   pages must then produce exactly what R produces from its own prefix-cache hit: the same
   first token and the same logprob (|delta| <= 1e-6). Any wrong or torn page breaks this.
-- against recompute (B without the connector, i.e. R with skip_reading_prefix_cache): same
-  first token, logprob within ``LOGPROB_TOL`` = 0.1 nats. Why a tolerance: the prefix KV
-  comes from another prefill (other GEMM shapes) than a full recompute; bf16 keeps 8 bits
-  of mantissa, so logits round at ~1e-2 and the result moves by a few 1e-2 at most. vLLM's
-  own prefix cache shows the same deviation (reported as a control); a wrong page moves
-  logprobs by whole units (the negative control shows by how much).
+- against recompute (B without the connector, i.e. R with skip_reading_prefix_cache): the
+  first token's logprob within ``LOGPROB_TOL`` = 0.1 nats, and no first token that differs
+  unless vLLM's own prefix cache differs the same way. Why a tolerance: the prefix KV comes
+  from another prefill (other GEMM shapes) than a full recompute, and bf16 keeps 8 bits of
+  mantissa, so logits round at ~1e-2: a near-tie can flip, for vLLM's own prefix cache as
+  for an import (seen: 1 of 56 prompts, |delta| 0.06, identical for both). A wrong page
+  moves logprobs by whole units (the negative control shows by how much).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def test_imported_prefixes_match_recompute(engines):
     assert len(prompts) >= 50
     assert all(n == (len(p) // BS) * BS for n, p in zip(imported, SHARED, strict=True))
     assert exact_mism == 0 and exact_worst <= 1e-6, "imported pages differ from the exporter's"
-    assert mism == 0 and worst <= LOGPROB_TOL
+    assert mism <= apc_mism and worst <= LOGPROB_TOL
 
 
 def test_negative_control_zeroed_pages_are_caught(engines):
@@ -157,24 +158,34 @@ def test_negative_control_zeroed_pages_are_caught(engines):
 
 
 def test_exporter_killed_mid_import(engines):
-    """A dies while B imports a batch of 8k-token prefixes from it: B stays correct."""
+    """B imports 8k-token prefixes from A one after another; A is SIGKILLed after the third
+    completed, i.e. while B is importing the next. Every output stays right: imports that
+    finished before the kill are kept, the rest prefill normally."""
     a, b, r = engines["A"], engines["B"], engines["R"]
     prompts = [p + fresh(30) for p in KILL]
-    result: dict = {}
+    got: list = [None] * len(prompts)
 
     def run_b():
-        result["got"] = b.generate(prompts, max_tokens=1, logprobs=1)
+        for i, p in enumerate(prompts):
+            (got[i],) = b.generate([p], max_tokens=1, logprobs=1)
 
     t = threading.Thread(target=run_b)
     t.start()
-    time.sleep(0.02)
+    while sum(g is not None for g in got) < 3 and t.is_alive():
+        time.sleep(0.001)
     a.kill()
+    killed_after = sum(g is not None for g in got)
     t.join(300)
-    got = result["got"]
-    ref = first_tokens(r, prompts, options=[RECOMPUTE])
+    mirror = first_tokens(r, prompts)  # R's own cached prefixes (computed like A's); runs
+    ref = first_tokens(r, prompts, options=[RECOMPUTE])  # before the recompute caches more
+    imported = [g.imported_tokens for g in got]
+    # imported prompts must match the mirror exactly; the others are plain prefills
+    exact = [compare([g], [m]) for g, m, n in zip(got, mirror, imported, strict=True) if n]
     mism, worst = compare(got, ref)
-    REPORT["exporter_killed"] = dict(prompts=len(prompts), token_mismatches=mism,
-                                     max_abs_logprob_delta=worst,
-                                     imported=[g.imported_tokens for g in got])
+    REPORT["exporter_killed"] = dict(prompts=len(prompts), killed_after=killed_after,
+                                     imported=imported, token_mismatches=mism,
+                                     max_abs_logprob_delta=worst)
     print("\nGPU exporter killed mid-import:", REPORT["exporter_killed"])
-    assert mism == 0 and worst <= LOGPROB_TOL
+    assert imported[0] > 0, "nothing was imported before the kill: the test proves nothing"
+    assert all(m == 0 and d <= 1e-6 for m, d in exact)
+    assert worst <= LOGPROB_TOL and mism == 0
