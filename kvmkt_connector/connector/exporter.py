@@ -7,9 +7,11 @@ valid while someone may read it depends on the transport:
   The blocks are pinned (``BlockPool.touch``) only until that copy is done; the slots are
   what we publish.
 - ``in place`` (cuda_ipc): importers read our KV cache directly, so the published blocks
-  stay pinned until the registry lets them go. At most ``max_pinned_fraction`` of the cache
-  is pinned; beyond that the registry's least recently leased entries are reclaimed. Pinned
-  blocks stay in our own prefix cache, so they still serve us too.
+  stay pinned until the registry lets them go. The budget, ``max_pinned_fraction`` of the
+  cache, is soft: a finished request's prefix is published whole (a truncated prefix would
+  make importers recompute the rest) and the overshoot, at most one request's blocks, is
+  given back within a few steps by reclaiming the registry's least recently leased entries.
+  Pinned blocks stay in our own prefix cache, so they still serve us too.
 
 Either way we reuse a location only after the registry released it, and the registry never
 releases a leased entry: that is the whole lifetime protocol. If the registry is lost,
@@ -70,6 +72,7 @@ class ExportLedger:
         self._pending_jobs: list[SaveJob] = []
         self._quarantine: list[tuple[float, list[int]]] = []
         self._quarantined: set[int] = set()
+        self._next_reclaim = 0.0
         self._generation = channel.generation
         self._next_job = 0
 
@@ -84,8 +87,8 @@ class ExportLedger:
         self._check_generation()
         all_keys = keys.extend(request.all_token_ids, upto=n * self._bs)[:n]
         new = [i for i in range(n) if all_keys[i] not in self._location_of]
-        # Only a prefix is useful to importers: keep the first blocks that fit.
-        new = new[: self._make_room(len(new))]
+        if self.staged:  # slots are a hard limit; only a prefix is useful: keep the first
+            new = new[: self._make_room(len(new))]
         if not new:
             return
         new_keys = [all_keys[i] for i in new]
@@ -115,6 +118,15 @@ class ExportLedger:
 
     def _used(self) -> int:
         return len(self._key_at) + len(self._quarantined)
+
+    def _enforce_budget(self) -> None:
+        """In-place mode: ask the registry to release what is pinned beyond the budget
+        (at most once per sync interval, so answers in flight are not asked for twice)."""
+        over = self._used() - self._capacity
+        now = time.monotonic()
+        if over > 0 and now >= self._next_reclaim:
+            self._next_reclaim = now + self._cfg.registry_sync_interval_ms / 1000
+            self._channel.reclaim(over)
 
     def _remember(self, keys: list[bytes], locations: list[int]) -> None:
         for key, loc in zip(keys, locations, strict=True):
@@ -198,6 +210,8 @@ class ExportLedger:
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
             self._forget(self._quarantine.pop(0)[1])
+        if not self.staged:
+            self._enforce_budget()
         self._update_gauges()
 
     def _update_gauges(self) -> None:
