@@ -49,7 +49,8 @@ def exported_blocks(prompt: list[int]) -> int:
 @pytest.fixture(scope="module")
 def engines(cluster, tiny_model_dir):
     cluster.start("A", tiny_model_dir, connector={"kv_connector": CONNECTOR, "kv_role": "kv_both"})
-    cluster.start("B", tiny_model_dir, connector=connector_config(allow_fault_injection=True))
+    cluster.start("B", tiny_model_dir, connector=connector_config(allow_fault_injection=True),
+                  disable_log_stats=False)  # connector metrics in LLM.get_metrics()
     cluster.start("R", tiny_model_dir, connector=None)
     cluster.start(
         "C", tiny_model_dir, block_size=32,
@@ -94,6 +95,9 @@ def test_imports_equal_recompute_exact_and_partial_prefixes(engines):
     mismatches = [i for i, (g, w) in enumerate(zip(got, ref, strict=True)) if g.token_ids != w.token_ids]
     assert not mismatches, f"imported KV changed the output of prompts {mismatches}"
     assert all(w.imported_tokens == -1 for w in ref)  # R really has no connector
+    metrics = b.metrics()  # offline: LLM.get_metrics() carries the connector's counters
+    assert metrics["vllm:kvmkt_imported_tokens"] >= sum(expected)  # counters lose "_total"
+    assert metrics["vllm:kvmkt_hits_full"] + metrics["vllm:kvmkt_hits_partial"] >= len(prompts)
 
 
 @pytest.mark.parametrize("fault", ["zero", "first_page"])
