@@ -200,16 +200,7 @@ class PrefixRegistry:
         if count < 0:
             raise RequestRejected("bad_request", f"count must be >= 0, got {count}")
         self._expire()
-        lru, released = holder.lru, 0
-        for _ in range(len(lru)):  # each entry is looked at once at most
-            if released == count:
-                break
-            entry = next(iter(lru))
-            if entry.lease_count:
-                lru.move_to_end(entry)
-                continue
-            self._withdraw(entry)
-            released += 1
+        self._release_unleased(holder.lru, count)
         return self.take_released(holder)
 
     def sync(self, holder_id: int) -> list[int]:
@@ -370,16 +361,24 @@ class PrefixRegistry:
     def _evict_over_capacity(self) -> None:
         # Leased entries were all listed before this publish, so they alone never exceed
         # the capacity: while over it, an unleased entry is left to evict.
-        lru = self._lru
+        over = self._listed_total - self.capacity_blocks
+        if over > 0:
+            self.counters.blocks_released_lru += self._release_unleased(self._lru, over)
+
+    def _release_unleased(self, lru, limit: int) -> int:
+        """Withdraw up to ``limit`` of the least recently used entries of ``lru`` that no
+        lease holds (leased ones move to the back); return how many."""
+        released = 0
         for _ in range(len(lru)):  # each entry is looked at once at most
-            if self._listed_total <= self.capacity_blocks:
+            if released >= limit:
                 break
             entry = next(iter(lru))
             if entry.lease_count:
                 lru.move_to_end(entry)
                 continue
             self._withdraw(entry)
-            self.counters.blocks_released_lru += 1
+            released += 1
+        return released
 
     def _end_lease(self, lease: Lease) -> None:
         lease.holder.lease_ids.discard(lease.lease_id)
