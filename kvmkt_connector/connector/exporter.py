@@ -43,6 +43,16 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
+def _finished_statuses() -> frozenset:
+    from vllm.v1.request import RequestStatus
+
+    return frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED,
+                      RequestStatus.FINISHED_REPETITION})
+
+
+_SAMPLED_TO_THE_END = _finished_statuses()
+
+
 class ExportLedger:
     def __init__(
         self,
@@ -79,7 +89,13 @@ class ExportLedger:
     # ------------------------------------------------------------ export
 
     def on_request_finished(self, request: Request, block_ids: list[int], keys: PrefixKeys) -> None:
-        # Blocks below the last sampled token are computed and final (see README: lifetime).
+        # Only a request that finished by sampling (stop, length, repetition) has every
+        # position below its last sampled token computed by steps that have completed. An
+        # aborted or failed one may be finished while a step computing its prefill is still
+        # in flight (async scheduling advances num_computed_tokens at schedule time), so
+        # its newest blocks may not be written yet: export nothing from it.
+        if request.status not in _SAMPLED_TO_THE_END:
+            return
         done_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
         n = min(len(block_ids), done_tokens // self._bs)
         if n == 0 or not self._channel.connected:

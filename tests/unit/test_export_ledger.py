@@ -12,7 +12,7 @@ import time
 import pytest
 from vllm import SamplingParams
 from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.request import Request
+from vllm.v1.request import Request, RequestStatus
 
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.exporter import ExportLedger
@@ -41,10 +41,11 @@ def registry():
     proc.wait(10)
 
 
-def _request(rid: str, tokens: list[int]) -> Request:
+def _request(rid: str, tokens: list[int], status=RequestStatus.FINISHED_LENGTH_CAPPED) -> Request:
     req = Request(rid, tokens, SamplingParams(max_tokens=1), None)
     req.num_computed_tokens = len(tokens)
     req.append_output_token_ids(7)  # finished after sampling one token
+    req.status = status
     return req
 
 
@@ -67,10 +68,10 @@ def _settle(ledger, until, timeout=5.0):
         time.sleep(0.02)
 
 
-def _export(ledger, pool, rid, n_blocks, seed):
+def _export(ledger, pool, rid, n_blocks, seed, status=RequestStatus.FINISHED_LENGTH_CAPPED):
     tokens = [(seed * 1000 + i) % 50000 for i in range(n_blocks * BS + 5)]
     blocks = pool.get_new_blocks(n_blocks + 1)
-    req = _request(rid, tokens)
+    req = _request(rid, tokens, status)
     keys = BlockKeyer(NS, BS).start(KeyScope())
     ledger.on_request_finished(req, [b.block_id for b in blocks], keys)
     pool.free_blocks(blocks)  # the request's own reference goes, our pins stay
@@ -129,4 +130,19 @@ def test_staged_export_truncates_to_free_slots_and_stages_copies(registry):
     assert all(b.ref_cnt == 0 for b in blocks[:8])  # unpinned once copied
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.lookup(NS, keys)[1] == 8)
+    channel.close()
+
+
+def test_aborted_requests_export_nothing(registry):
+    """An aborted request may be finished while a prefill step for it is still in flight:
+    its blocks are not known to be written, so none is pinned or published."""
+    pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
+    ledger, channel = _ledger(registry, pool)
+    for status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
+        keys, blocks = _export(ledger, pool, f"r-{status.name}", 10, seed=6, status=status)
+        assert all(b.ref_cnt == 0 for b in blocks)
+    time.sleep(0.2)
+    ledger.tick()
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        assert q.status().published_blocks == 0
     channel.close()
