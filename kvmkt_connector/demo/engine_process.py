@@ -33,6 +33,9 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
     os.environ.update(env)
+    # vLLM logs to stdout; in its child processes (EngineCore, workers) writing to a file
+    # that is block-buffered, so a log line could lag behind what it reports.
+    os.environ["PYTHONUNBUFFERED"] = "1"
     try:
         from vllm import LLM, SamplingParams
 

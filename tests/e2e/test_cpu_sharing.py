@@ -145,8 +145,15 @@ def test_incompatible_instance_imports_nothing_and_says_why(engines, cluster):
     recomputed = one_by_one(c, prompts, options=[{"skip_reading_prefix_cache": True}] * 2)
     assert [x.imported_tokens for x in got] == [0, 0]
     assert [x.token_ids for x in got] == [x.token_ids for x in recomputed]
-    log = cluster.log("C")
-    line = next((ln for ln in log.splitlines() if "not sharing KV with" in ln), "")
+    # C says why, once per neighbour, at start-up or at its next check (every 10 s)
+    deadline = time.monotonic() + 15
+    while True:
+        log = cluster.log("C")
+        line = next((ln for ln in log.splitlines() if "not sharing KV with" in ln), "")
+        if line or time.monotonic() > deadline:
+            break
+        one_by_one(c, [fresh(20)])  # a step of C's scheduler runs the check when due
+        time.sleep(1)
     assert "block_size (32 here, 16 there)" in line, line or log[-2000:]
 
 
