@@ -34,6 +34,7 @@ from kvmkt_connector.connector.metadata import SaveJob
 from kvmkt_connector.hashing import PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.index import MAX_LEASE_TTL_MS
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -41,16 +42,11 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
+# Pages whose listing became unknown are kept untouched for the longest lease the registry
+# grants (it caps every TTL at this, whatever TTL an importer asks for).
+QUARANTINE_S = MAX_LEASE_TTL_MS / 1000
 
 
-def _finished_statuses() -> frozenset:
-    from vllm.v1.request import RequestStatus
-
-    return frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED,
-                      RequestStatus.FINISHED_REPETITION})
-
-
-_SAMPLED_TO_THE_END = _finished_statuses()
 
 
 class ExportLedger:
@@ -88,20 +84,28 @@ class ExportLedger:
 
     # ------------------------------------------------------------ export
 
+    def stop_exporting(self) -> None:
+        self._capacity = 0
+
     def on_request_finished(self, request: Request, block_ids: list[int], keys: PrefixKeys) -> None:
-        # Only a request that finished by sampling (stop, length, repetition) has every
-        # position below its last sampled token computed by steps that have completed. An
-        # aborted or failed one may be finished while a step computing its prefill is still
-        # in flight (async scheduling advances num_computed_tokens at schedule time), so
-        # its newest blocks may not be written yet: export nothing from it.
-        if request.status not in _SAMPLED_TO_THE_END:
+        if self._capacity == 0:
             return
-        done_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        # Export only KV that completed steps wrote: async scheduling advances
+        # num_computed_tokens when a step is scheduled (an aborted request may still have a
+        # prefill chunk in flight), and the last sampled token has no KV yet. An aborted
+        # request whose import copy is not confirmed yet is skipped by the caller.
+        written = request.num_computed_tokens - request.num_in_flight_tokens
+        done_tokens = min(written, request.num_tokens - 1)
         n = min(len(block_ids), done_tokens // self._bs)
         if n == 0 or not self._channel.connected:
             return
         self._check_generation()
         all_keys = keys.extend(request.all_token_ids, upto=n * self._bs)[:n]
+        if not self.staged:
+            # A quarantined block is still pinned for an old lease: not ours to list again
+            # until released; the run an importer could use ends there.
+            q = next((i for i in range(n) if block_ids[i] in self._quarantined), n)
+            n = q
         new = [i for i in range(n) if all_keys[i] not in self._location_of]
         if self.staged:  # slots are a hard limit; only a prefix is useful: keep the first
             new = new[: self._make_room(len(new))]
@@ -203,25 +207,35 @@ class ExportLedger:
         if gone:
             logger.warning(
                 "kvmkt: re-registered with the registry; %d exported pages stay untouched for "
-                "%.0f s in case an importer still reads them", len(gone), self._cfg.lease_ttl_s,
+                "%.0f s in case an importer still reads them", len(gone), QUARANTINE_S,
             )
-            for loc in gone:
-                self._location_of.pop(self._key_at.pop(loc), None)
-            self._quarantined.update(gone)
-            self._quarantine.append((time.monotonic() + self._cfg.lease_ttl_s, gone))
+            self._quarantine_locations(gone)
+
+    def _quarantine_locations(self, locations: list[int]) -> None:
+        """Unlist ``locations`` here but keep them (pinned / their slots unused) for the
+        longest lease any importer can hold, then reuse them."""
+        held = [loc for loc in locations if loc in self._key_at]
+        for loc in held:
+            self._location_of.pop(self._key_at.pop(loc), None)
+        self._quarantined.update(held)
+        if held:
+            self._quarantine.append((time.monotonic() + QUARANTINE_S, held))
 
     def _staging_slots(self) -> set[int]:
         return {s for _, _, slots in self._staging.values() for s in slots}
 
     def tick(self) -> None:
         """Once per scheduler step: apply the registry's answers, end quarantines."""
+        self._check_generation()
         for event in self._channel.take_events():
-            if event.generation != self._generation and event.kind != "published":
-                continue  # about an older registration: _check_generation covers it
             if event.kind == "published":
                 self._stats.count("exported_blocks", len(event.locations))
-            else:  # released, or publish_failed: either way not listed, ours to reuse
+            elif event.generation != self._generation:
+                continue  # an older registration's news: its pages are quarantined
+            elif event.kind in ("released", "publish_failed"):  # certainly not listed
                 self._forget(event.locations)
+            elif event.kind == "publish_unknown":  # maybe listed, maybe leased: wait
+                self._quarantine_locations(event.locations)
         self._check_generation()
         now = time.monotonic()
         while self._quarantine and self._quarantine[0][0] <= now:
@@ -243,9 +257,8 @@ class ExportLedger:
         result = self._channel.unpublish_and_wait(locations, self._cfg.registry_timeout_ms / 1000)
         if result is None:
             return False
-        released, pending = result
-        self._forget(released)
-        self._update_gauges()
+        _, pending = result
+        self.tick()  # the channel reported the released locations as events: apply them
         return pending == 0
 
     def shutdown(self) -> None:

@@ -40,7 +40,7 @@ class HolderRegistration:
 class ChannelEvent:
     """Something the scheduler must apply to its export ledger."""
 
-    kind: str  # "released" | "publish_failed" | "published"
+    kind: str  # released | published | publish_failed | publish_unknown | publish_stale
     locations: list[int]
     generation: int
 
@@ -104,25 +104,30 @@ class HolderChannel:
                 break
             client = self._connected()
             if client is None:
-                self._fail(op)
+                self._not_done(op)
                 continue
-            try:
-                if op is not None:
+            if op is not None:
+                try:
                     self._apply(client, op)
-                if time.monotonic() >= next_sync:
-                    next_sync = time.monotonic() + interval
+                except Exception as e:  # the outcome is unknown: see _not_done
+                    logger.warning("kvmkt: registry holder connection lost: %s", e)
+                    self._drop()
+                    self._not_done(op, unknown=True)
+                    continue
+            if time.monotonic() >= next_sync:
+                next_sync = time.monotonic() + interval
+                try:
                     self._emit("released", client.sync())
-            except Exception as e:  # connection lost or refused: re-register later
-                logger.warning("kvmkt: registry holder connection lost: %s", e)
-                self._drop()
-                self._fail(op)
+                except Exception as e:
+                    logger.warning("kvmkt: registry holder connection lost: %s", e)
+                    self._drop()
         self._drop()
 
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
             _, keys, locations, generation = op
-            if generation != self.generation:  # queued before a reconnect: not ours to list
-                self._emit("publish_failed", locations)
+            if generation != self.generation:  # queued before a re-registration
+                self._emit("publish_stale", locations, generation)
                 return
             released = client.publish(keys, locations)
             self._emit("published", locations)
@@ -134,17 +139,23 @@ class HolderChannel:
             self._emit("released", released)
             op[2].put((released, pending))
 
-    def _fail(self, op: tuple | None) -> None:
+    def _not_done(self, op: tuple | None, unknown: bool = False) -> None:
+        """``op`` did not (certainly) happen. A publish whose request may have reached the
+        registry before the connection broke could be listed and leased: "publish_unknown"
+        makes the ledger quarantine it rather than reuse it."""
         if op is None:
             return
         if op[0] == "publish":
-            self._emit("publish_failed", op[2])
+            self._emit("publish_unknown" if unknown else "publish_failed", op[2], op[3])
         elif op[0] == "unpublish":
             op[2].put(None)
 
-    def _emit(self, kind: str, locations: list[int]) -> None:
+    def _emit(self, kind: str, locations: list[int], generation: int | None = None) -> None:
+        """Events carry the registration they are about (a publish: the one it was queued
+        under), so the ledger never applies an old registration's news to a new one."""
         if locations:
-            self._events.put(ChannelEvent(kind, list(locations), self.generation))
+            gen = self.generation if generation is None else generation
+            self._events.put(ChannelEvent(kind, list(locations), gen))
 
     def _connected(self) -> RegistryClient | None:
         if self._client is not None:

@@ -14,6 +14,7 @@ lost, copy failed) answers 0 or reports the blocks as failed, so vLLM recomputes
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -40,13 +41,17 @@ class _RequestImport:
     start_block: int  # the local prefix-cache frontier the lease was taken at
     lease: LeaseGranted | None
     keys: list[bytes]  # keys of the leased blocks
+    epoch: int  # the registry connection that granted the lease
     imported_tokens: int = 0
 
 
 class ImportPlanner:
     def __init__(
-        self, cfg: MarketplaceConfig, block_size: int, link: RegistryLink, stats: MarketplaceStats
+        self, cfg: MarketplaceConfig, block_size: int, link: RegistryLink, stats: MarketplaceStats,
+        can_read: Callable[[bytes], bool],
     ) -> None:
+        """``can_read(descriptor)``: whether our workers can copy from that holder."""
+        self._can_read = can_read
         self._cfg = cfg
         self._block_size = block_size
         self._link = link
@@ -54,7 +59,7 @@ class ImportPlanner:
         self._min_blocks = max(1, -(-cfg.min_import_tokens // block_size))
         self._requests: dict[str, _RequestImport] = {}
         self._pending: list[LoadJob] = []
-        self._inflight: dict[int, int] = {}  # job id -> lease id
+        self._inflight: dict[int, tuple[int, int, str]] = {}  # job -> (epoch, lease, request)
         self._next_job = 0
 
     # ------------------------------------------------------------ lookup + lease
@@ -86,9 +91,15 @@ class ImportPlanner:
         if grant is None:
             self._stats.count("fallback_miss")
             return 0
+        if not self._can_read(grant.descriptor):  # e.g. its pages are on another transport
+            self._link.call(lambda c: c.release_leases([grant.lease_id]))
+            self._stats.count("fallback_incompatible")
+            return 0
         n = len(grant.locations)
         self._stats.count("hits_full" if n == limit - start else "hits_partial")
-        self._requests[request.request_id] = _RequestImport(start, grant, candidates[:n])
+        self._requests[request.request_id] = _RequestImport(
+            start, grant, candidates[:n], self._link.epoch
+        )
         return n * bs
 
     def _lease_fresh(self, lease: LeaseGranted) -> bool:
@@ -97,9 +108,14 @@ class ImportPlanner:
 
     def _release(self, state: _RequestImport) -> None:
         if state.lease is not None:
-            lease_id = state.lease.lease_id
+            self._release_ids([(state.epoch, state.lease.lease_id)])
             state.lease = None
-            self._link.call(lambda c: c.release_leases([lease_id]))
+
+    def _release_ids(self, leases: list[tuple[int, int]]) -> None:
+        """Release leases of the current registry connection; older ones died with theirs."""
+        ids = [lease_id for epoch, lease_id in leases if epoch == self._link.epoch]
+        if ids:
+            self._link.call(lambda c: c.release_leases(ids))
 
     # ------------------------------------------------------------ plan
 
@@ -128,7 +144,7 @@ class ImportPlanner:
         )
         self._next_job += 1
         self._pending.append(job)
-        self._inflight[job.job_id] = lease.lease_id
+        self._inflight[job.job_id] = (state.epoch, lease.lease_id, request.request_id)
         state.lease = None  # now owned by the in-flight job
         state.imported_tokens += n * self._block_size
         self._stats.count("imported_tokens", n * self._block_size)
@@ -145,9 +161,12 @@ class ImportPlanner:
         return jobs
 
     def on_jobs_done(self, job_ids: list[int]) -> None:
-        lease_ids = [self._inflight.pop(j) for j in job_ids if j in self._inflight]
-        if lease_ids:
-            self._link.call(lambda c: c.release_leases(lease_ids))
+        done = [self._inflight.pop(j) for j in job_ids if j in self._inflight]
+        self._release_ids([(epoch, lease) for epoch, lease, _ in done])
+
+    def has_pending_load(self, request_id: str) -> bool:
+        """Whether a copy into this request's blocks is not confirmed done yet."""
+        return any(rid == request_id for _, _, rid in self._inflight.values())
 
     def on_request_finished(self, request_id: str) -> int:
         """Release what the request still holds; return the tokens it imported."""
@@ -158,9 +177,8 @@ class ImportPlanner:
         return state.imported_tokens
 
     def shutdown(self) -> None:
-        lease_ids = [s.lease.lease_id for s in self._requests.values() if s.lease is not None]
-        lease_ids += list(self._inflight.values())
-        if lease_ids:
-            self._link.call(lambda c: c.release_leases(lease_ids))
+        leases = [(s.epoch, s.lease.lease_id) for s in self._requests.values() if s.lease]
+        leases += [(epoch, lease) for epoch, lease, _ in self._inflight.values()]
+        self._release_ids(leases)
         self._requests.clear()
         self._inflight.clear()

@@ -31,6 +31,9 @@ class RegistryLink:
         self._stats = stats
         self._client: RegistryClient | None = None
         self._retry_at = 0.0
+        # Bumped per connection: lease ids mean something only to the registry that
+        # granted them (a restarted one numbers leases anew).
+        self.epoch = 0
         self.holder: HolderChannel | None = None  # this instance's exports, to skip
 
     @property
@@ -48,13 +51,16 @@ class RegistryLink:
         if now < self._retry_at:
             return None
         try:
+            # No auto-start here: this runs on the scheduler's thread, and starting a registry
+            # can take seconds. The exporter's background channel starts one when needed.
             client = RegistryClient.connect(
                 self._cfg.registry_socket,
                 client_name=self._client_name,
-                autostart=self._cfg.registry_autostart,
+                autostart=False,
                 timeout_s=self._cfg.registry_timeout_ms / 1000,
             )
             self._client = client
+            self.epoch += 1
         except Exception as e:  # unreachable, refused, unsafe socket dir: never fatal
             self._down(f"cannot use the registry: {e}")
             return None

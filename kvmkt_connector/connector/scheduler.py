@@ -56,6 +56,17 @@ def request_scope(request: Request) -> KeyScope | None:
     return KeyScope(request.cache_salt, lora.lora_name, lora.lora_path)
 
 
+def _spec_blockers(kv_cache_config: Any) -> list[str]:
+    """Only plain full attention: sliding-window groups hand back null blocks for
+    out-of-window positions, MLA and others have pages of another shape."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    specs = [g.kv_cache_spec for g in kv_cache_config.kv_cache_groups]
+    bad = [type(s).__name__ for s in specs if type(s) is not FullAttentionSpec
+           or getattr(s, "sliding_window", None) or getattr(s, "attention_chunk_size", None)]
+    return [f"KV cache spec {', '.join(bad)} (only plain full attention)"] if bad else []
+
+
 class MarketplaceScheduler:
     def __init__(self, vllm_config: Any, cfg: MarketplaceConfig, kv_cache_config: Any) -> None:
         self._cfg = cfg
@@ -66,6 +77,7 @@ class MarketplaceScheduler:
         self._world = vllm_config.parallel_config.world_size
         self._base_fp = fingerprint_from_vllm_config(vllm_config)
         self._blockers = sharing_blockers(self._base_fp, len(kv_cache_config.kv_cache_groups))
+        self._blockers += _spec_blockers(kv_cache_config)
         if self._blockers:
             logger.warning("kvmkt: sharing disabled: %s", "; ".join(self._blockers))
         engine = vllm_config.kv_transfer_config.engine_id
@@ -76,7 +88,8 @@ class MarketplaceScheduler:
         self._fp: CompatFingerprint | None = None
         self._namespace = b""
         self._keyer: BlockKeyer | None = None
-        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats)
+        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._can_read)
+        self._readable: dict[bytes, bool] = {}
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._transport = ""  # what our workers import with (from their handshake)
@@ -195,10 +208,31 @@ class MarketplaceScheduler:
                 self._job_counts[(kind, job_id)] = total
         return done
 
+    def _can_read(self, descriptor: bytes) -> bool:
+        """Whether our workers' transport can read a holder's pages (same kind, same TP)."""
+        ok = self._readable.get(descriptor)
+        if ok is None:
+            try:
+                ranks = HolderDescriptor.decode(descriptor).ranks
+                kinds = {type(d).__name__ for d in ranks}
+                want = {"cuda_ipc": "CudaIpcDescriptor", "host_shm": "HostShmDescriptor"}
+                ok = len(ranks) == self._world and kinds == {want.get(self._transport, "")}
+            except msgspec.DecodeError:
+                ok = False
+            if len(self._readable) > 256:
+                self._readable.clear()
+            self._readable[descriptor] = ok
+        return ok
+
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
+        # An aborted request may finish before the copy into its blocks was confirmed:
+        # then its blocks are not known to hold the right KV yet, so they are not exported.
+        unsure = self._planner.has_pending_load(request.request_id) and (
+            request.status.name not in ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
+        )
         imported = self._planner.on_request_finished(request.request_id)
         keys = self._keys.pop(request.request_id, None)
-        if self._ledger is not None and self._keyer is not None and block_ids:
+        if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
             if scope is not None:
                 if keys is None:
@@ -217,7 +251,20 @@ class MarketplaceScheduler:
         return self._ledger is not None and self._ledger.has_pending()
 
     def reset_cache(self) -> bool:
-        return self._ledger.withdraw_all() if self._ledger is not None else True
+        """vLLM calls this for reset_prefix_cache(reset_connector=True), which is what RL
+        frameworks do after updating weights in place. The fingerprint cannot see such an
+        update, so from now on this instance neither imports nor exports: its KV and its
+        neighbours' may no longer be interchangeable."""
+        if self._import or self._export:
+            logger.warning("kvmkt: connector cache reset (weights may have changed): this "
+                           "instance stops sharing KV until it restarts")
+        self._import = False
+        if self._ledger is None:
+            return True
+        self._export = False
+        done = self._ledger.withdraw_all()
+        self._ledger.stop_exporting()
+        return done
 
     def shutdown(self) -> None:
         self._planner.shutdown()

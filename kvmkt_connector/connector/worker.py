@@ -83,6 +83,16 @@ class MarketplaceWorker:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         try:
+            self._register(kv_caches)
+        except Exception as e:  # never take the engine down: just do not share
+            self._problem = self._problem or f"{type(e).__name__}: {e}"
+            logger.error("kvmkt: sharing disabled on this worker: %s", self._problem)
+            self._transport = ""
+
+    def _register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        if any(not isinstance(t, torch.Tensor) for t in kv_caches.values()):
+            raise UnsupportedKVLayout("a layer's KV cache is not one tensor (hybrid/Mamba model)")
+        try:
             layout = KVPageLayout(kv_caches, self._num_blocks)
         except UnsupportedKVLayout as e:
             self._problem = str(e)
@@ -212,9 +222,9 @@ class MarketplaceWorker:
                 self._importer.load(rank_desc, src, keys, job.dst)
             else:
                 raise TransferError(f"holder offers {type(rank_desc).__name__}, we use {self._transport}")
-        except (TransferError, IndexError, msgspec.DecodeError, ValueError) as e:
+        except Exception as e:  # any failure: these blocks are recomputed, serving goes on
             self._done.loads_done[job.job_id] = 1
-            self._fail(job, str(e))
+            self._fail(job, f"{type(e).__name__}: {e}")
             return
         if job.fault == "zero":
             idx = torch.tensor(job.dst, dtype=torch.int64, device=self._layout.device)

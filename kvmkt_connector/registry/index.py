@@ -21,6 +21,7 @@ Structures:
 from __future__ import annotations
 
 import heapq
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -68,7 +69,9 @@ class PrefixRegistry:
         self._lru: OrderedDict[Entry, None] = OrderedDict()
         self._leases: dict[int, Lease] = {}
         self._expiry_heap: list[tuple[int, int]] = []
-        self._next_lease_id = 1
+        # Lease ids start at a random 62-bit value: an importer that kept an id across a
+        # registry restart must not release somebody else's lease with it.
+        self._next_lease_id = secrets.randbits(62)
 
     # ------------------------------------------------------------ views
 

@@ -77,6 +77,7 @@ class RegistryServer:
         self._table: LookupTableWriter | None = None
         self.registry: PrefixRegistry | None = None
         self._dispatcher: RequestDispatcher | None = None
+        self._orphaned_files: list[tuple[int, list[str]]] = []  # (pid, files) to unlink
         self._conns: dict[int, _Connection] = {}
         self._stop = False
         self._idle_since = time.monotonic()
@@ -300,8 +301,10 @@ class RegistryServer:
         conn.holder_id = None
         if holder is None:
             return
-        for path in holder.cleanup_paths:
-            paths.unlink_owned_file(path)
+        # Only a dead holder's files: one that merely lost its connection still serves them.
+        # A killed process can look alive for a moment while it exits: check again later.
+        self._orphaned_files.append((holder.pid, list(holder.cleanup_paths)))
+        self._unlink_orphaned_files()
         log.info("holder %d (%s, pid %d) dropped", holder.holder_id, holder.name, holder.pid)
 
     def _drop_dead_holders(self) -> None:
@@ -309,6 +312,23 @@ class RegistryServer:
         for conn in list(self._conns.values()):
             if conn.holder_id is not None and conn.peer_pid and not pid_alive(conn.peer_pid):
                 self._close(conn)
+        self._unlink_orphaned_files()
+
+    def _unlink_orphaned_files(self) -> None:
+        """Remove dropped holders' files once their process is gone; forget the files of a
+        process that registered again (it still uses them)."""
+        live_paths = {p for h in self.registry.holders() for p in h.cleanup_paths}
+        still = []
+        for pid, files in self._orphaned_files:
+            files = [f for f in files if f not in live_paths]
+            if not files:
+                continue
+            if pid_alive(pid):
+                still.append((pid, files))
+            else:
+                for path in files:
+                    paths.unlink_owned_file(path)
+        self._orphaned_files = still
 
     def _idle_expired(self, now: float) -> bool:
         return (

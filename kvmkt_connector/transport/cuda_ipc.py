@@ -53,7 +53,8 @@ def describe_exports(layout: KVPageLayout) -> CudaIpcDescriptor:
     if any(s.nbytes % 16 or s.offset % 16 or s.block_stride % 16 for s in segments):
         raise TransferError("KV pages are not 16-byte aligned")
     device = layout.device.index if layout.device.index is not None else torch.cuda.current_device()
-    return CudaIpcDescriptor(cu.device_uuid(device), os.getpid(), handles, segments)
+    return CudaIpcDescriptor(cu.device_uuid(device), os.getpid(), handles, segments,
+                             layout.num_blocks)
 
 
 def _process_alive(pid: int) -> bool:
@@ -109,6 +110,10 @@ class CudaIpcImporter:
         dst_b = np.asarray(dst_blocks, dtype=np.int64)
         if dst_b.size and (dst_b.min() < 0 or dst_b.max() >= self.layout.num_blocks):
             raise TransferError("destination block out of range")
+        if src_b.size and (src_b.min() < 0 or src_b.max() >= desc.num_blocks):
+            raise TransferError("source block out of the holder's range")  # never read wild
+        if not _process_alive(desc.pid):
+            raise TransferError("the holder's process is gone")
         r_start = np.array([bases[s.allocation] + s.offset for s in desc.segments], dtype=np.int64)
         r_stride = np.array([s.block_stride for s in desc.segments], dtype=np.int64)
         l_start = np.array([s.offset for s in self._local], dtype=np.int64)

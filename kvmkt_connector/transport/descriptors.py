@@ -35,6 +35,7 @@ class CudaIpcDescriptor(msgspec.Struct, frozen=True, tag="cuda_ipc"):
     pid: int
     handles: list[bytes]  # cudaIpcMemHandle_t of each KV cache allocation
     segments: list[CudaIpcSegment]
+    num_blocks: int  # valid source block ids are below this
 
 
 RankDescriptor = HostShmDescriptor | CudaIpcDescriptor

@@ -29,6 +29,7 @@ _MAGIC = b"KVMKTHR1"
 _HEADER = struct.Struct("<8sIQ")  # magic, version, num_slots
 _VERSION = 1
 _ALIGN = 4096
+MAX_MAPPED_REGIONS = 16  # importers keep at most this many holders' regions mapped
 
 
 def _align(n: int) -> int:
@@ -84,7 +85,9 @@ class HostPageRegion:
         size, _ = _file_size(num_slots, segment_bytes)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, size)  # sparse: memory is committed as slots are written
+            # Reserve the memory now: a sparse file on a full /dev/shm would SIGBUS the
+            # worker at its first write. ENOSPC here just means no export region.
+            os.posix_fallocate(fd, 0, size)
         except BaseException:
             os.close(fd)
             os.unlink(path)
@@ -146,13 +149,16 @@ class HostShmImporter:
         self._regions: dict[str, HostPageRegion] = {}
 
     def _region(self, descriptor: HostShmDescriptor) -> HostPageRegion:
-        region = self._regions.get(descriptor.path)
+        region = self._regions.pop(descriptor.path, None)
         if region is None or region.descriptor != descriptor:
             if region is not None:
                 region.close()
             if descriptor.segment_bytes != self.layout.segment_bytes:
                 raise TransferError("holder's page segments differ from ours")
-            region = self._regions[descriptor.path] = HostPageRegion.open(descriptor)
+            region = HostPageRegion.open(descriptor)
+            while len(self._regions) >= MAX_MAPPED_REGIONS:  # e.g. regions of dead holders
+                self._regions.pop(next(iter(self._regions))).close()
+        self._regions[descriptor.path] = region  # most recently used last
         return region
 
     def load(

@@ -133,16 +133,20 @@ def test_staged_export_truncates_to_free_slots_and_stages_copies(registry):
     channel.close()
 
 
-def test_aborted_requests_export_nothing(registry):
-    """An aborted request may be finished while a prefill step for it is still in flight:
-    its blocks are not known to be written, so none is pinned or published."""
+def test_blocks_of_steps_still_in_flight_are_not_exported(registry):
+    """An aborted request can finish while a prefill chunk of it is still in flight (async
+    scheduling counts scheduled tokens as computed): only blocks below what completed steps
+    wrote are pinned and published."""
     pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
     ledger, channel = _ledger(registry, pool)
-    for status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR):
-        keys, blocks = _export(ledger, pool, f"r-{status.name}", 10, seed=6, status=status)
-        assert all(b.ref_cnt == 0 for b in blocks)
-    time.sleep(0.2)
-    ledger.tick()
+    tokens = [(7000 + i) % 50000 for i in range(10 * BS + 5)]
+    blocks = pool.get_new_blocks(11)
+    req = _request("r-abort", tokens, RequestStatus.FINISHED_ABORTED)
+    req.num_in_flight_tokens = 4 * BS + 5  # the last chunk is scheduled, not yet run
+    keys = BlockKeyer(NS, BS).start(KeyScope())
+    ledger.on_request_finished(req, [b.block_id for b in blocks], keys)
+    assert [b.ref_cnt for b in blocks] == [2] * 6 + [1] * 5  # request's ref + our pin
+    pool.free_blocks(blocks)
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
-        assert q.status().published_blocks == 0
+        _settle(ledger, lambda: q.status().published_blocks == 6)
     channel.close()
