@@ -9,6 +9,7 @@ Jobs carry ids so completion can be counted per rank: a job is done when every r
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import msgspec
@@ -46,6 +47,10 @@ class SaveJob(msgspec.Struct, frozen=True):
 class MarketplaceConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
+    # Holders to probe: workers open their pages (IPC handles, shm region) and say whether
+    # they can. Imports only come from holders every worker could open, because a failed
+    # synchronous load is the one path vLLM 0.26 does not recover from reliably.
+    probes: list[bytes] = field(default_factory=list)  # HolderDescriptor blobs
 
 
 @dataclass
@@ -55,20 +60,29 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
     loads_done: dict[int, int] = field(default_factory=dict)
     saves_done: dict[int, int] = field(default_factory=dict)
     saves_failed: dict[int, int] = field(default_factory=dict)
+    probes_ok: dict[bytes, int] = field(default_factory=dict)  # descriptor digest -> ranks
+    probes_failed: dict[bytes, int] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> MarketplaceWorkerMetadata:
         assert isinstance(other, MarketplaceWorkerMetadata)
         out = MarketplaceWorkerMetadata(
-            dict(self.loads_done), dict(self.saves_done), dict(self.saves_failed)
+            dict(self.loads_done), dict(self.saves_done), dict(self.saves_failed),
+            dict(self.probes_ok), dict(self.probes_failed),
         )
         for mine, theirs in (
             (out.loads_done, other.loads_done),
             (out.saves_done, other.saves_done),
             (out.saves_failed, other.saves_failed),
+            (out.probes_ok, other.probes_ok),
+            (out.probes_failed, other.probes_failed),
         ):
             for job_id, count in theirs.items():
                 mine[job_id] = mine.get(job_id, 0) + count
         return out
+
+
+def descriptor_digest(descriptor: bytes) -> bytes:
+    return hashlib.sha256(descriptor).digest()[:16]
 
 
 @dataclass

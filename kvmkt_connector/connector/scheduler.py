@@ -26,6 +26,7 @@ from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
+    descriptor_digest,
 )
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
@@ -89,7 +90,9 @@ class MarketplaceScheduler:
         self._namespace = b""
         self._keyer: BlockKeyer | None = None
         self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._can_read)
-        self._readable: dict[bytes, bool] = {}
+        self._readable: dict[bytes, bool | None] = {}  # descriptor digest -> probe result
+        self._probes: list[bytes] = []
+        self._probe_ok: dict[bytes, int] = {}
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._transport = ""  # what our workers import with (from their handshake)
@@ -181,7 +184,10 @@ class MarketplaceScheduler:
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
-        return MarketplaceConnectorMetadata(loads=self._planner.take_jobs(), saves=saves)
+        probes, self._probes = self._probes, []
+        return MarketplaceConnectorMetadata(
+            loads=self._planner.take_jobs(), saves=saves, probes=probes
+        )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta
@@ -190,6 +196,12 @@ class MarketplaceScheduler:
             if self._ledger is not None:
                 self._ledger.on_saves_done(self._complete("save", meta.saves_done))
                 self._ledger.on_saves_done(self._complete("save", meta.saves_failed), failed=True)
+            for digest in meta.probes_failed:
+                self._readable[digest] = False  # one worker that cannot read is enough
+            for digest, ranks in meta.probes_ok.items():
+                self._probe_ok[digest] = self._probe_ok.get(digest, 0) + ranks
+                if self._probe_ok[digest] >= self._world and self._readable.get(digest) is None:
+                    self._readable[digest] = True
         if output.invalid_block_ids:
             self.stats.count("fallback_load_error", len(output.invalid_block_ids))
             # vLLM's "recompute" policy keeps the blocks cached while it recomputes them;
@@ -209,20 +221,29 @@ class MarketplaceScheduler:
         return done
 
     def _can_read(self, descriptor: bytes) -> bool:
-        """Whether our workers' transport can read a holder's pages (same kind, same TP)."""
-        ok = self._readable.get(descriptor)
-        if ok is None:
-            try:
-                ranks = HolderDescriptor.decode(descriptor).ranks
-                kinds = {type(d).__name__ for d in ranks}
-                want = {"cuda_ipc": "CudaIpcDescriptor", "host_shm": "HostShmDescriptor"}
-                ok = len(ranks) == self._world and kinds == {want.get(self._transport, "")}
-            except msgspec.DecodeError:
-                ok = False
-            if len(self._readable) > 256:
-                self._readable.clear()
-            self._readable[descriptor] = ok
-        return ok
+        """Whether every worker has shown it can read this holder's pages.
+
+        A holder seen for the first time is probed (the workers open its IPC handles or
+        shm region in the next step) and not imported from until all of them could: a
+        synchronous load that fails is the path vLLM 0.26 does not recover from reliably
+        (vLLM issue #49250), so imports must not be the way to find out."""
+        digest = descriptor_digest(descriptor)
+        if digest in self._readable:
+            return bool(self._readable[digest])  # None while the probe runs
+        try:
+            ranks = HolderDescriptor.decode(descriptor).ranks
+        except msgspec.DecodeError:
+            ranks = []
+        kinds = {type(d).__name__ for d in ranks}
+        want = {"cuda_ipc": "CudaIpcDescriptor", "host_shm": "HostShmDescriptor"}
+        if len(ranks) != self._world or kinds != {want.get(self._transport, "")}:
+            self._readable[digest] = False
+            return False
+        if len(self._readable) > 1024:  # holders come and go: forget old answers
+            self._readable.clear()
+        self._readable[digest] = None
+        self._probes.append(descriptor)
+        return False
 
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
         # An aborted request may finish before the copy into its blocks was confirmed:

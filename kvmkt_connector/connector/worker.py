@@ -22,6 +22,7 @@ from kvmkt_connector.connector.metadata import (
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
     SaveJob,
+    descriptor_digest,
 )
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
@@ -188,10 +189,29 @@ class MarketplaceWorker:
     # ------------------------------------------------------------ per step
 
     def run_jobs(self, meta: MarketplaceConnectorMetadata) -> None:
+        for descriptor in meta.probes:
+            self._probe(descriptor)
         for job in meta.saves:
             self._save(job)
         for job in meta.loads:
             self._load(job)
+
+    def _probe(self, descriptor: bytes) -> None:
+        digest = descriptor_digest(descriptor)
+        try:
+            rank_desc = HolderDescriptor.decode(descriptor).ranks[self._rank]
+            if isinstance(rank_desc, CudaIpcDescriptor) and self._ipc_importer is not None:
+                self._ipc_importer.probe(rank_desc)
+            elif isinstance(rank_desc, HostShmDescriptor) and self._importer is not None:
+                self._importer.probe(rank_desc)
+            else:
+                raise TransferError(f"holder offers {type(rank_desc).__name__}, we use {self._transport}")
+        except Exception as e:
+            logger.warning("kvmkt: cannot read a holder's pages from this worker (%s): "
+                           "not importing from it", e)
+            self._done.probes_failed[digest] = 1
+            return
+        self._done.probes_ok[digest] = 1
 
     def _save(self, job: SaveJob) -> None:
         ok = False
@@ -263,7 +283,8 @@ class MarketplaceWorker:
     def take_worker_meta(self) -> MarketplaceWorkerMetadata | None:
         self._poll_gpu_loads()
         done, self._done = self._done, MarketplaceWorkerMetadata()
-        if done.loads_done or done.saves_done or done.saves_failed:
+        if (done.loads_done or done.saves_done or done.saves_failed or done.probes_ok
+                or done.probes_failed):
             return done
         return None
 

@@ -112,8 +112,6 @@ class CudaIpcImporter:
             raise TransferError("destination block out of range")
         if src_b.size and (src_b.min() < 0 or src_b.max() >= desc.num_blocks):
             raise TransferError("source block out of the holder's range")  # never read wild
-        if not _process_alive(desc.pid):
-            raise TransferError("the holder's process is gone")
         r_start = np.array([bases[s.allocation] + s.offset for s in desc.segments], dtype=np.int64)
         r_stride = np.array([s.block_stride for s in desc.segments], dtype=np.int64)
         l_start = np.array([s.offset for s in self._local], dtype=np.int64)
@@ -141,6 +139,10 @@ class CudaIpcImporter:
         # The address buffers must outlive the copy; the mappings must too (see sweep).
         self._inflight.append((event, list(handles), (addresses, on_device)))
         return event
+
+    def probe(self, desc: CudaIpcDescriptor) -> None:
+        """Open the holder's handles now (raises TransferError if we cannot reach them)."""
+        self._bases(desc)
 
     def load(self, desc: CudaIpcDescriptor, src_blocks: list[int], dst_blocks: list[int]) -> torch.cuda.Event:
         return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)

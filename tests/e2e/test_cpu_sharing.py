@@ -39,6 +39,7 @@ FAULTY = {fault: [fresh(n) for n in (300, 450, 600)] for fault in ("zero", "firs
 SALTED = [fresh(320), fresh(320)]
 FOR_C = [fresh(n) for n in (256, 500)]
 KILLED = fresh(400)
+WARM = fresh(64)  # B's first request meets A: its workers probe A's pages, no import yet
 
 
 def exported_blocks(prompt: list[int]) -> int:
@@ -59,11 +60,13 @@ def engines(cluster, tiny_model_dir):
     )
     cluster.wait_all()
     a = cluster.engines["A"]
-    plain = SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED]
+    plain = SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED, WARM]
     a.generate(plain, max_tokens=A_OUT)
     a.generate([SALTED[0]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
     a.generate([SALTED[1]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
     cluster.wait_published(sum(exported_blocks(p) for p in plain + SALTED))
+    (first,) = cluster.engines["B"].generate([WARM + fresh(10)], max_tokens=1)
+    assert first.imported_tokens == 0  # a holder is probed before anything is imported
     return cluster.engines
 
 

@@ -65,6 +65,7 @@ def fresh(n: int) -> list[int]:
 SHARED = [fresh(256 + 61 * i) for i in range(56)]  # 256 .. 3611 tokens
 FAULTY = [fresh(1024 + 100 * i) for i in range(8)]
 KILL = [fresh(8192) for _ in range(12)]
+WARM = fresh(512)  # B meets A with this one: its workers probe A's pages first
 
 
 def gpu_kwargs(**kw):
@@ -90,9 +91,10 @@ def engines(cluster, tmp_path_factory):
             cluster.wait_all()
     cluster.wait_all()
     a, r = cluster.engines["A"], cluster.engines["R"]
-    a.generate(SHARED + FAULTY + KILL, max_tokens=2)
+    a.generate(SHARED + FAULTY + KILL + [WARM], max_tokens=2)
     r.generate(SHARED + FAULTY + KILL, max_tokens=2)  # the mirror: R's cache = A's exports
-    cluster.wait_published(sum((len(p) + 1) // BS for p in SHARED + FAULTY + KILL))
+    cluster.wait_published(sum((len(p) + 1) // BS for p in SHARED + FAULTY + KILL + [WARM]))
+    cluster.engines["B"].generate([WARM + fresh(8)], max_tokens=1)
     yield cluster.engines
     out = os.environ.get("OUT")
     if out:
