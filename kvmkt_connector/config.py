@@ -68,5 +68,5 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
 
 
 def describe_defaults() -> dict[str, Any]:
-    """Key -> default, for `kvmkt config` and the README."""
+    """Key -> default (the table in README.md lists the same)."""
     return msgspec.structs.asdict(MarketplaceConfig())
