@@ -47,7 +47,9 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
         python3 -c 'import vllm, kvmkt_connector; print(vllm.__version__)'"
       ;;
     tests)
-      run tests python3 -m pytest -s -q -p no:cacheprovider tests/gpu tests/unit/test_native.py
+      # per-test timeout: a hang shows its stacks and the run still reaches its summary
+      run tests python3 -m pytest -s -q -rfE -p no:cacheprovider --timeout 180 \
+        tests/gpu tests/unit/test_native.py
       ;;
     demo)
       run demo python3 -m kvmkt_connector.demo --device cuda --llama8b-dummy \

@@ -78,7 +78,8 @@ def main(argv=None) -> int:
 
     work = tempfile.mkdtemp(prefix="kvmkt-ttft-", dir="/tmp")
     os.makedirs(os.path.join(work, "reg"), mode=0o700)
-    env = {"KVMKT_REGISTRY_SOCKET": os.path.join(work, "reg", "registry.sock")}
+    env = {"KVMKT_REGISTRY_SOCKET": os.path.join(work, "reg", "registry.sock"),
+           "KVMKT_TRACE": os.environ.get("KVMKT_TRACE", "0")}
     model = write_llama3_8b_config(os.path.join(work, "llama3-8b"))
     max_len = 32768 + 256
     base = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
 
         for e in (a, b, r):  # warm-up (compile paths, CUDA graphs)
             e.generate([toks(512)], max_tokens=4)
-        warm = toks(512)  # B meets A: its workers probe A's pages before B imports
-        a.generate([warm], max_tokens=1)
+        warm = toks(512)  # one import first: B's first copy compiles nothing, but opens A's
+        a.generate([warm], max_tokens=1)  # IPC handles, which the timed imports then reuse
         time.sleep(0.1)
         b.generate([warm + toks(8)], max_tokens=1)
 
@@ -124,7 +125,9 @@ def main(argv=None) -> int:
                     a.generate([prefix + toks(suffix)], max_tokens=1)  # A computes, exports
                     time.sleep(0.05)  # exports are published one engine step later
                     (rec,) = r.generate([prefix + toks(suffix)], max_tokens=1)
+                    t_sub = time.monotonic_ns()
                     (imp,) = b.generate([prefix + toks(suffix)], max_tokens=1)
+                    print(f"import-call {t_sub} {time.monotonic_ns()} {length}", flush=True)
                     (hit,) = b.generate([prefix + toks(suffix)], max_tokens=1)
                     res["recompute"].append(rec.seconds)
                     res["import"].append(imp.seconds)

@@ -30,16 +30,14 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
 
     # Import policy.
     min_import_tokens: int = 32  # smaller matches are recomputed (not worth a round trip)
-    lease_ttl_s: float = 30.0  # how long a holder keeps leased pages for us
-    # A lease with less than this left when its copy is issued counts as lost.
-    lease_margin_s: float = 5.0
+    # How long the registry keeps leased entries listed for us (leases only steer: pages
+    # are checked by their tag after every copy).
+    lease_ttl_s: float = 30.0
 
     # Transport: "auto" picks cuda_ipc between GPUs with peer access, else host_shm.
     transport: Literal["auto", "host_shm", "cuda_ipc"] = "auto"
     # host_shm: bytes of the export region per worker (capped at half the free /dev/shm).
     host_region_bytes: int = 1 << 30
-    # cuda_ipc: at most this fraction of the KV cache blocks stays pinned for importers.
-    max_pinned_fraction: float = 0.25
 
     # Testing only: let requests ask for corrupted imports (negative controls).
     allow_fault_injection: bool = False
@@ -51,9 +49,7 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
             ("registry_sync_interval_ms", self.registry_sync_interval_ms >= 0),
             ("min_import_tokens", self.min_import_tokens >= 1),
             ("lease_ttl_s", self.lease_ttl_s > 0),
-            ("lease_margin_s", 0 <= self.lease_margin_s < self.lease_ttl_s),
             ("host_region_bytes", self.host_region_bytes >= 0),
-            ("max_pinned_fraction", 0.0 <= self.max_pinned_fraction <= 0.9),
         ]
         bad = [name for name, ok in checks if not ok]
         if bad:

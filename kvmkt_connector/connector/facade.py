@@ -8,6 +8,7 @@ never called on it.
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,24 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
+
+
+def _undo_deferred_block_free(scheduler: Any, connector: MarketplaceConnector) -> None:
+    """vLLM 0.26 defers returning a finished or preempted request's blocks while a step that
+    wrote them is in flight, whenever a consumer connector runs with async scheduling: a
+    connector copying on its own stream or over the network could otherwise write a freed
+    block before that step is done. Its side effect: ``reset_prefix_cache(
+    reset_running_requests=True)`` fails whenever a step is in flight (the preempted
+    requests' blocks are not back yet). We do not need the deferral: our copies run on a
+    stream that first waits for everything the compute stream has queued (loads.py). So when
+    we are the scheduler's only connector (called from its __init__), vLLM behaves as it
+    does without a connector. Under MultiConnector the caller is not the scheduler and the
+    deferral stays, since a sibling may need it."""
+    if getattr(scheduler, "connector", None) is connector and getattr(
+        scheduler, "defer_block_free", False
+    ):
+        scheduler.defer_block_free = False
+        logger.info("kvmkt: block frees are not deferred (our loads are stream-ordered)")
 
 
 class MarketplaceConnector(KVConnectorBase_V1):
@@ -75,7 +94,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
         self._worker.run_jobs(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward
+        return  # loads are asynchronous: their requests run only once they are done
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kw: Any
@@ -84,6 +103,10 @@ class MarketplaceConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # (sending, recving): we never delay freeing blocks, so never "sending".
+        return None, self._worker.get_finished() if self._worker is not None else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -104,6 +127,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         self._scheduler.bind_gpu_block_pool(gpu_block_pool)
+        _undo_deferred_block_free(sys._getframe(1).f_locals.get("self"), self)
 
     def set_xfer_handshake_metadata(
         self, metadata: dict[int, KVConnectorHandshakeMetadata]
@@ -123,7 +147,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
         self._scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta()
+        return self._scheduler.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         self._scheduler.update_connector_output(connector_output)

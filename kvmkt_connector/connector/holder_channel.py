@@ -5,11 +5,11 @@ done inline in ``request_finished`` that time would be added to the request's la
 stall the scheduler loop. So the holder connection lives on one thread of its own: the
 scheduler queues publish/reclaim/unpublish operations and, once per step, collects what
 came back (locations the registry released, publishes that failed). Nothing the scheduler
-does waits for it, except ``reset_cache`` (rare), which asks and waits with a timeout.
+does waits for it.
 
 The thread also syncs released locations periodically, and re-registers after losing the
-registry (``generation`` counts registrations; the exporter quarantines what it had
-published under an older generation).
+registry (``generation`` counts registrations; the exporter then publishes again what it
+still offers).
 """
 
 from __future__ import annotations
@@ -69,13 +69,8 @@ class HolderChannel:
     def reclaim(self, count: int) -> None:
         self._ops.put(("reclaim", count))
 
-    def unpublish_and_wait(self, locations: list[int], timeout_s: float) -> tuple[list[int], int] | None:
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        self._ops.put(("unpublish", locations, done))
-        try:
-            return done.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
+    def unpublish(self, locations: list[int]) -> None:
+        self._ops.put(("unpublish", locations))
 
     def take_events(self) -> list[ChannelEvent]:
         events = []
@@ -135,20 +130,14 @@ class HolderChannel:
         elif op[0] == "reclaim":
             self._emit("released", client.reclaim(op[1]))
         elif op[0] == "unpublish":
-            released, pending = client.unpublish(op[1])
+            released, _ = client.unpublish(op[1])  # leased ones come back through sync
             self._emit("released", released)
-            op[2].put((released, pending))
 
     def _not_done(self, op: tuple | None, unknown: bool = False) -> None:
-        """``op`` did not (certainly) happen. A publish whose request may have reached the
-        registry before the connection broke could be listed and leased: "publish_unknown"
-        makes the ledger quarantine it rather than reuse it."""
-        if op is None:
-            return
-        if op[0] == "publish":
+        """``op`` did not (certainly) happen. Nothing to undo: pages are checked by their tag
+        when copied, and after re-registering the ledger publishes again what it offers."""
+        if op is not None and op[0] == "publish":
             self._emit("publish_unknown" if unknown else "publish_failed", op[2], op[3])
-        elif op[0] == "unpublish":
-            op[2].put(None)
 
     def _emit(self, kind: str, locations: list[int], generation: int | None = None) -> None:
         """Events carry the registration they are about (a publish: the one it was queued

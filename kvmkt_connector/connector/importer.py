@@ -1,14 +1,16 @@
 """Scheduler side, importing: find a neighbour's prefix, lease it, plan the copy.
 
-Loading is synchronous (``get_num_new_matched_tokens`` returns ``(n, False)``): the worker
-copies the pages in ``start_load_kv`` on the current stream, before the forward that reads
-them. A copy over NVLink or shared memory takes far less than the prefill it replaces, so
-parking requests in WAITING_FOR_REMOTE_KVS (async) would buy nothing; sync loads also need
-no per-layer hooks, which keeps full CUDA graphs usable.
+Loading is asynchronous (``get_num_new_matched_tokens`` returns ``(n, True)``): vLLM
+allocates the request's blocks and parks it in WAITING_FOR_REMOTE_KVS; the workers copy
+the pages while other requests run and report the request in ``get_finished`` when the copy
+is over, successful or not. Only a confirmed copy counts as imported. A failed one is
+reported as load errors while the request is still parked: vLLM then keeps the valid prefix
+(nothing of ours), caches nothing we wrote, and prefills the rest as for any new request.
+A request whose import failed is not offered another one.
 
 A hit is capped at ``num_tokens - 1`` tokens, block-aligned: vLLM must still compute at
-least one token to sample from. Every path that is unsure (no match, registry down, lease
-lost, copy failed) answers 0 or reports the blocks as failed, so vLLM recomputes them.
+least one token to sample from. Every path that is unsure (no match, registry down, stale
+pages, copy failed) answers 0 or reports the blocks failed, so vLLM recomputes them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.metadata import LoadJob
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import PrefixKeys
-from kvmkt_connector.logs import get_logger
+from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.protocol import LeaseGranted
 
@@ -31,27 +33,45 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-# Test-only corruptions of imported pages. (Permuting pages within a prefix would not do:
-# keys carry their rotary position, so later tokens see the same set of keys in any order.)
-FAULTS = ("zero", "first_page")
+# Test-only faults (``allow_fault_injection``). Corruptions, for negative controls: "zero"
+# blanks the imported pages, "first_page" copies the holder's first page everywhere (the
+# prototype's bug). Failure paths: "fail" reports the copy failed without copying; "stall"
+# issues the copy ``kvmkt_stall_s`` later (an exporter can die or rewrite the pages in
+# between); "stall_unchecked" does the same but skips the tag check after the copy (it shows
+# what that check catches). Permuting pages would not do as a control: keys carry their
+# rotary position, so later tokens see the same set of keys in any order.
+FAULTS = ("zero", "first_page", "fail", "stall", "stall_unchecked")
 
 
 @dataclass
 class _RequestImport:
     start_block: int  # the local prefix-cache frontier the lease was taken at
     lease: LeaseGranted | None
-    keys: list[bytes]  # keys of the leased blocks
+    keys: list[bytes]  # keys of the usable leased blocks
     epoch: int  # the registry connection that granted the lease
-    imported_tokens: int = 0
+    usable: int = 0  # leased blocks whose pages are still the published ones
+    job_id: int | None = None  # the copy in flight
+    imported_tokens: int = 0  # confirmed
+    failed: bool = False  # an import failed: this request prefills from now on
+
+
+@dataclass
+class _Inflight:
+    epoch: int
+    lease_id: int
+    request_id: str
+    tokens: int
+    blocks: int
 
 
 class ImportPlanner:
     def __init__(
         self, cfg: MarketplaceConfig, block_size: int, link: RegistryLink, stats: MarketplaceStats,
-        can_read: Callable[[bytes], bool],
+        usable: Callable[[bytes, list[int]], int | None],
     ) -> None:
-        """``can_read(descriptor)``: whether our workers can copy from that holder."""
-        self._can_read = can_read
+        """``usable(descriptor, locations)``: how many leading pages of that holder are still
+        the published ones (0 if stale); None if our workers cannot read that holder."""
+        self._usable = usable
         self._cfg = cfg
         self._block_size = block_size
         self._link = link
@@ -59,8 +79,9 @@ class ImportPlanner:
         self._min_blocks = max(1, -(-cfg.min_import_tokens // block_size))
         self._requests: dict[str, _RequestImport] = {}
         self._pending: list[LoadJob] = []
-        self._inflight: dict[int, tuple[int, int, str]] = {}  # job -> (epoch, lease, request)
+        self._inflight: dict[int, _Inflight] = {}  # by job id
         self._next_job = 0
+        self.block_bytes = 0  # KV bytes of one block on all ranks (known after the handshake)
 
     # ------------------------------------------------------------ lookup + lease
 
@@ -71,12 +92,16 @@ class ImportPlanner:
         bs = self._block_size
         start, limit = num_local_tokens // bs, (request.num_tokens - 1) // bs
         state = self._requests.get(request.request_id)
-        if state is not None and state.lease is not None:
-            if state.start_block == start and self._lease_fresh(state.lease):
-                return len(state.lease.locations) * bs  # re-query of an unscheduled request
-            self._release(state)  # stale: the frontier moved or the lease is ageing
+        if state is not None:
+            if state.failed or state.job_id is not None:
+                return 0
+            if state.lease is not None:
+                if state.start_block == start and self._lease_fresh(state.lease):
+                    return state.usable * bs  # re-query of a request not admitted yet
+                self._release(state)  # stale: the frontier moved or the lease is ageing
         if limit - start < self._min_blocks:
             return 0
+        trace(logger, request.request_id, "lookup")
         candidates = keys.extend(request.all_token_ids, upto=limit * bs)[start:limit]
         self._stats.count("lookups")
         hint = self._link.hint(candidates)
@@ -91,20 +116,24 @@ class ImportPlanner:
         if grant is None:
             self._stats.count("fallback_miss")
             return 0
-        if not self._can_read(grant.descriptor):  # e.g. its pages are on another transport
+        n = self._usable(grant.descriptor, grant.locations)
+        if n is None or n < self._min_blocks:  # another transport, or rewritten pages
             self._link.call(lambda c: c.release_leases([grant.lease_id]))
-            self._stats.count("fallback_incompatible")
+            self._stats.count("fallback_incompatible" if n is None else "fallback_miss")
             return 0
-        n = len(grant.locations)
+        trace(logger, request.request_id, f"leased {n}")
         self._stats.count("hits_full" if n == limit - start else "hits_partial")
+        prev = self._requests.get(request.request_id)
         self._requests[request.request_id] = _RequestImport(
-            start, grant, candidates[:n], self._link.epoch
+            start, grant, candidates[:n], self._link.epoch, n,
+            imported_tokens=prev.imported_tokens if prev else 0,
         )
         return n * bs
 
     def _lease_fresh(self, lease: LeaseGranted) -> bool:
-        left_s = (lease.expires_at_ns - time.monotonic_ns()) / 1e9
-        return left_s > self._cfg.lease_margin_s
+        """Leases only steer (pages are checked after the copy); re-lease an ageing one so
+        the holder's registry entries are not released under a request about to load."""
+        return lease.expires_at_ns - time.monotonic_ns() > 0.5 * self._cfg.lease_ttl_s * 1e9
 
     def _release(self, state: _RequestImport) -> None:
         if state.lease is not None:
@@ -119,57 +148,74 @@ class ImportPlanner:
 
     # ------------------------------------------------------------ plan
 
-    def on_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+    def on_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> LoadJob | None:
+        """vLLM allocated the request's blocks: the copy job for them, if we still load."""
         state = self._requests.get(request.request_id)
         if state is None or state.lease is None:
-            return
+            return None
         if num_external_tokens == 0:  # vLLM did not take our tokens this time
             self._release(state)
-            return
+            return None
         lease = state.lease
-        n = min(num_external_tokens // self._block_size, len(lease.locations))
-        dst = block_ids[state.start_block : state.start_block + n]
-        fault = self._fault_for(request)
-        if not self._lease_fresh(lease):
-            fault = "lease_lost"  # the worker reports these blocks failed: recomputed
-            self._stats.count("fallback_lease_lost")
+        n = min(num_external_tokens // self._block_size, state.usable)
+        fault, stall_s = self._fault_for(request)
         job = LoadJob(
             job_id=self._next_job,
+            request_id=request.request_id,
             holder_id=lease.holder_id,
             descriptor=lease.descriptor,
             src=lease.locations[:n],
-            dst=dst,
+            dst=block_ids[state.start_block : state.start_block + n],
             keys=state.keys[:n],
             fault=fault,
+            stall_s=stall_s,
         )
         self._next_job += 1
         self._pending.append(job)
-        self._inflight[job.job_id] = (state.epoch, lease.lease_id, request.request_id)
-        state.lease = None  # now owned by the in-flight job
-        state.imported_tokens += n * self._block_size
-        self._stats.count("imported_tokens", n * self._block_size)
+        trace(logger, request.request_id, "allocated")
+        self._inflight[job.job_id] = _Inflight(
+            state.epoch, lease.lease_id, request.request_id, n * self._block_size, n
+        )
+        state.lease, state.job_id = None, job.job_id  # the lease is the job's now
+        return job
 
-    def _fault_for(self, request: Request) -> str | None:
+    def _fault_for(self, request: Request) -> tuple[str | None, float]:
         if not self._cfg.allow_fault_injection:
-            return None
+            return None, 0.0
         params = request.kv_transfer_params or {}
         fault = params.get("kvmkt_fault")
-        return fault if fault in FAULTS else None
+        if fault not in FAULTS:
+            return None, 0.0
+        return fault, float(params.get("kvmkt_stall_s", 0.0))
 
     def take_jobs(self) -> list[LoadJob]:
         jobs, self._pending = self._pending, []
         return jobs
 
-    def on_jobs_done(self, job_ids: list[int]) -> None:
-        done = [self._inflight.pop(j) for j in job_ids if j in self._inflight]
-        self._release_ids([(epoch, lease) for epoch, lease, _ in done])
+    def on_jobs_done(self, job_ids: list[int], failed: bool = False) -> None:
+        """Every worker reported these jobs (any failure on any rank makes one failed)."""
+        done = [(j, self._inflight.pop(j)) for j in job_ids if j in self._inflight]
+        self._release_ids([(job.epoch, job.lease_id) for _, job in done])
+        for job_id, job in done:
+            trace(logger, job.request_id, "failed" if failed else "confirmed")
+            state = self._requests.get(job.request_id)
+            if failed:
+                self._stats.count("fallback_load_error", job.blocks)
+            else:
+                self._stats.count("imported_tokens", job.tokens)
+                self._stats.count("imported_bytes", job.blocks * self.block_bytes)
+            if state is not None and state.job_id == job_id:
+                state.job_id = None
+                state.failed = state.failed or failed
+                state.imported_tokens += 0 if failed else job.tokens
 
     def has_pending_load(self, request_id: str) -> bool:
         """Whether a copy into this request's blocks is not confirmed done yet."""
-        return any(rid == request_id for _, _, rid in self._inflight.values())
+        return any(job.request_id == request_id for job in self._inflight.values())
 
     def on_request_finished(self, request_id: str) -> int:
-        """Release what the request still holds; return the tokens it imported."""
+        """Release what the request still holds; return the tokens it imported. A copy
+        still in flight (an abort) keeps its lease until the workers report it."""
         state = self._requests.pop(request_id, None)
         if state is None:
             return 0
@@ -178,7 +224,7 @@ class ImportPlanner:
 
     def shutdown(self) -> None:
         leases = [(s.epoch, s.lease.lease_id) for s in self._requests.values() if s.lease]
-        leases += [(epoch, lease) for epoch, lease, _ in self._inflight.values()]
+        leases += [(job.epoch, job.lease_id) for job in self._inflight.values()]
         self._release_ids(leases)
         self._requests.clear()
         self._inflight.clear()

@@ -9,7 +9,6 @@ Jobs carry ids so completion can be counted per rank: a job is done when every r
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import msgspec
@@ -23,15 +22,21 @@ from kvmkt_connector.compat import KVLayoutSpec
 
 
 class LoadJob(msgspec.Struct, frozen=True):
-    """Copy a holder's pages into our blocks, before this step's forward reads them."""
+    """Copy a holder's pages into the blocks of a request parked in WAITING_FOR_REMOTE_KVS.
+
+    Every worker reports the request in ``get_finished`` once its copy is over, whether it
+    succeeded or failed (failed blocks through ``get_block_ids_with_load_errors`` in the
+    same step); vLLM frees or schedules the request only then."""
 
     job_id: int
+    request_id: str
     holder_id: int
     descriptor: bytes  # HolderDescriptor of the holder (opaque here)
     src: list[int]  # holder's locations, one per block
     dst: list[int]  # our block ids, same order
     keys: list[bytes]  # block keys, for transports that can verify what they read
-    fault: str | None = None  # "lease_lost", or a test fault: "zero" | "first_page"
+    fault: str | None = None  # test faults only, see importer.FAULTS
+    stall_s: float = 0.0  # test fault "stall*": issue the copy this much later
 
 
 class SaveJob(msgspec.Struct, frozen=True):
@@ -47,10 +52,9 @@ class SaveJob(msgspec.Struct, frozen=True):
 class MarketplaceConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadJob] = field(default_factory=list)
     saves: list[SaveJob] = field(default_factory=list)
-    # Holders to probe: workers open their pages (IPC handles, shm region) and say whether
-    # they can. Imports only come from holders every worker could open, because a failed
-    # synchronous load is the one path vLLM 0.26 does not recover from reliably.
-    probes: list[bytes] = field(default_factory=list)  # HolderDescriptor blobs
+    # The step runs no forward: workers may as well wait for this step's copies, so their
+    # requests are reported (and scheduled) a step earlier.
+    idle_step: bool = False
 
 
 @dataclass
@@ -58,31 +62,28 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
     """Job ids each rank finished this step, with how many ranks did (summed on aggregate)."""
 
     loads_done: dict[int, int] = field(default_factory=dict)
+    loads_failed: dict[int, int] = field(default_factory=dict)
     saves_done: dict[int, int] = field(default_factory=dict)
     saves_failed: dict[int, int] = field(default_factory=dict)
-    probes_ok: dict[bytes, int] = field(default_factory=dict)  # descriptor digest -> ranks
-    probes_failed: dict[bytes, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.loads_done or self.loads_failed or self.saves_done or self.saves_failed)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> MarketplaceWorkerMetadata:
         assert isinstance(other, MarketplaceWorkerMetadata)
         out = MarketplaceWorkerMetadata(
-            dict(self.loads_done), dict(self.saves_done), dict(self.saves_failed),
-            dict(self.probes_ok), dict(self.probes_failed),
+            dict(self.loads_done), dict(self.loads_failed), dict(self.saves_done),
+            dict(self.saves_failed),
         )
         for mine, theirs in (
             (out.loads_done, other.loads_done),
+            (out.loads_failed, other.loads_failed),
             (out.saves_done, other.saves_done),
             (out.saves_failed, other.saves_failed),
-            (out.probes_ok, other.probes_ok),
-            (out.probes_failed, other.probes_failed),
         ):
             for job_id, count in theirs.items():
                 mine[job_id] = mine.get(job_id, 0) + count
         return out
-
-
-def descriptor_digest(descriptor: bytes) -> bytes:
-    return hashlib.sha256(descriptor).digest()[:16]
 
 
 @dataclass

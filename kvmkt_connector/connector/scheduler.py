@@ -26,25 +26,35 @@ from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
-    descriptor_digest,
 )
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
-from kvmkt_connector.logs import get_logger
+from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.transport.descriptors import (
+    CudaIpcDescriptor,
+    GenerationsDescriptor,
     HolderDescriptor,
     HostShmDescriptor,
     RankDescriptor,
+    TransferError,
 )
+from kvmkt_connector.transport.generations import GenerationTable
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
 _NEIGHBOUR_CHECK_S = 10.0
+_MAX_MAPPED_TABLES = 16  # holders' generation tables kept open by the import planner
+_TRANSPORT_OF = {"cuda_ipc": CudaIpcDescriptor, "host_shm": HostShmDescriptor}
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 
 
 def request_scope(request: Request) -> KeyScope | None:
@@ -89,16 +99,17 @@ class MarketplaceScheduler:
         self._fp: CompatFingerprint | None = None
         self._namespace = b""
         self._keyer: BlockKeyer | None = None
-        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._can_read)
-        self._readable: dict[bytes, bool | None] = {}  # descriptor digest -> probe result
-        self._probes: list[bytes] = []
-        self._probe_ok: dict[bytes, int] = {}
+        self._num_blocks = kv_cache_config.num_blocks
+        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._usable)
+        self._tables: dict[str, GenerationTable] = {}  # holders' generations, by path
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._transport = ""  # what our workers import with (from their handshake)
-        self._job_counts: dict[tuple[str, int], int] = {}
+        self._load_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
+        self._save_reports: dict[int, int] = {}  # job -> ranks
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
+        self._step_runs = True  # the last scheduled step computes tokens
 
     # ------------------------------------------------------------ startup
 
@@ -114,28 +125,43 @@ class MarketplaceScheduler:
             why = "; ".join(problems) or f"workers reported layouts {layouts}"
             logger.warning("kvmkt: sharing disabled: %s", why)
             return
-        self._fp = self._base_fp.with_layout(layouts.pop())
+        layout = layouts.pop()
+        self._planner.block_bytes = layout.page_bytes * layout.num_layers * self._world
+        self._fp = self._base_fp.with_layout(layout)
         self._namespace = self._fp.digest()
         self._keyer = BlockKeyer(self._namespace, self._block_size)
         logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
         ranks = [handshakes[r] for r in range(self._world)]
         self._transport = ranks[0].transport
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
-            rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
-            staged = all(isinstance(d, HostShmDescriptor) for d in rank_desc)
-            channel = HolderChannel(self._cfg, self._name, HolderRegistration(
-                namespace=self._namespace,
-                name=self._name,
-                fingerprint=msgspec.msgpack.encode(self._fp),
-                descriptor=HolderDescriptor(rank_desc).encode(),
-                cleanup_paths=[d.path for d in rank_desc if isinstance(d, HostShmDescriptor)],
-            ))
-            self._link.holder = channel  # lookups skip our own exports
-            slots = min(h.export_slots for h in ranks) if staged else None
-            self._ledger = ExportLedger(
-                self._cfg, self._block_size, channel, self.stats, self._pool, slots
-            )
+            self._start_exporting(ranks)
         self._check_neighbours()
+
+    def _start_exporting(self, ranks: list[MarketplaceHandshake]) -> None:
+        rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
+        staged = all(isinstance(d, HostShmDescriptor) for d in rank_desc)
+        cleanup = [d.path for d in rank_desc if isinstance(d, HostShmDescriptor)]
+        gens = None
+        if not staged:  # in place: importers check our blocks' generations
+            engine = self._name.rsplit("/", 1)[-1]
+            path = os.path.join(_shm_dir(), f"kvmkt-{os.getuid()}-{engine}-{os.getpid()}-gen")
+            gens = GenerationTable.create(path, self._num_blocks)
+            cleanup.append(path)
+        descriptor = HolderDescriptor(
+            rank_desc, GenerationsDescriptor(gens.path, self._num_blocks) if gens else None
+        )
+        channel = HolderChannel(self._cfg, self._name, HolderRegistration(
+            namespace=self._namespace,
+            name=self._name,
+            fingerprint=msgspec.msgpack.encode(self._fp),
+            descriptor=descriptor.encode(),
+            cleanup_paths=cleanup,
+        ))
+        self._link.holder = channel  # lookups skip our own exports
+        slots = min(h.export_slots for h in ranks) if staged else None
+        self._ledger = ExportLedger(
+            self._cfg, self._block_size, channel, self.stats, self._pool, slots, gens
+        )
 
     def _check_neighbours(self) -> None:
         """Say once per holder why we do not share with it (the user's first question)."""
@@ -173,84 +199,86 @@ class MarketplaceScheduler:
             self.stats.count("fallback_incompatible")
             return 0, False
         keys = self._prefix_keys(request, scope)
-        return self._planner.match(request, keys, self._namespace, num_local), False
+        n = self._planner.match(request, keys, self._namespace, num_local)
+        return n, n > 0  # always asynchronous: see importer.py
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
-        self._planner.on_alloc(request, block_ids, n_ext)
+        job = self._planner.on_alloc(request, block_ids, n_ext)
+        if job is not None and self._ledger is not None:
+            self._ledger.on_blocks_rewritten(job.dst)  # our import writes them
 
-    def build_connector_meta(self) -> MarketplaceConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
         if self._ledger is not None:
-            self._ledger.tick()
+            self._ledger.tick(scheduler_output)
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
-        probes, self._probes = self._probes, []
+        for req in scheduler_output.scheduled_new_reqs:
+            trace(logger, req.req_id, f"scheduled {req.num_computed_tokens}")
+        self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
         return MarketplaceConnectorMetadata(
-            loads=self._planner.take_jobs(), saves=saves, probes=probes
+            loads=self._planner.take_jobs(), saves=saves, idle_step=not self._step_runs
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta
-        if isinstance(meta, MarketplaceWorkerMetadata):
-            self._planner.on_jobs_done(self._complete("load", meta.loads_done))
-            if self._ledger is not None:
-                self._ledger.on_saves_done(self._complete("save", meta.saves_done))
-                self._ledger.on_saves_done(self._complete("save", meta.saves_failed), failed=True)
-            for digest in meta.probes_failed:
-                self._readable[digest] = False  # one worker that cannot read is enough
-            for digest, ranks in meta.probes_ok.items():
-                self._probe_ok[digest] = self._probe_ok.get(digest, 0) + ranks
-                if self._probe_ok[digest] >= self._world and self._readable.get(digest) is None:
-                    self._readable[digest] = True
-        if output.invalid_block_ids:
-            self.stats.count("fallback_load_error", len(output.invalid_block_ids))
-            # vLLM's "recompute" policy keeps the blocks cached while it recomputes them;
-            # make sure no other request reads them from the prefix cache meanwhile.
-            if self._pool is not None:
-                self._pool.evict_blocks(set(output.invalid_block_ids))
+        if not isinstance(meta, MarketplaceWorkerMetadata):
+            return
+        # A load is over once every rank reported it; failed if any rank failed it.
+        over: dict[bool, list[int]] = {False: [], True: []}
+        for failed, counts in ((False, meta.loads_done), (True, meta.loads_failed)):
+            for job_id, n in counts.items():
+                seen, bad = self._load_reports.pop(job_id, (0, False))
+                seen, bad = seen + n, bad or failed
+                if seen >= self._world:
+                    over[bad].append(job_id)
+                else:
+                    self._load_reports[job_id] = (seen, bad)
+        self._planner.on_jobs_done(over[False])
+        self._planner.on_jobs_done(over[True], failed=True)
+        if self._ledger is not None:
+            self._ledger.on_saves_done(self._complete(meta.saves_done))
+            self._ledger.on_saves_done(self._complete(meta.saves_failed), failed=True)
 
-    def _complete(self, kind: str, counts: dict[int, int]) -> list[int]:
-        """Job ids every worker has now reported for ``kind``."""
+    def _complete(self, counts: dict[int, int]) -> list[int]:
+        """Save job ids every worker has now reported."""
         done = []
         for job_id, n in counts.items():
-            total = self._job_counts.pop((kind, job_id), 0) + n
+            total = self._save_reports.pop(job_id, 0) + n
             if total >= self._world:
                 done.append(job_id)
             else:
-                self._job_counts[(kind, job_id)] = total
+                self._save_reports[job_id] = total
         return done
 
-    def _can_read(self, descriptor: bytes) -> bool:
-        """Whether every worker has shown it can read this holder's pages.
-
-        A holder seen for the first time is probed (the workers open its IPC handles or
-        shm region in the next step) and not imported from until all of them could: a
-        synchronous load that fails is the path vLLM 0.26 does not recover from reliably
-        (vLLM issue #49250), so imports must not be the way to find out."""
-        digest = descriptor_digest(descriptor)
-        if digest in self._readable:
-            return bool(self._readable[digest])  # None while the probe runs
+    def _usable(self, descriptor: bytes, locations: list[int]) -> int | None:
+        """How many leading leased pages of that holder are still the published ones;
+        None if our workers cannot read that holder at all (another transport)."""
         try:
-            ranks = HolderDescriptor.decode(descriptor).ranks
+            holder = HolderDescriptor.decode(descriptor)
         except msgspec.DecodeError:
-            ranks = []
-        kinds = {type(d).__name__ for d in ranks}
-        want = {"cuda_ipc": "CudaIpcDescriptor", "host_shm": "HostShmDescriptor"}
-        if len(ranks) != self._world or kinds != {want.get(self._transport, "")}:
-            self._readable[digest] = False
-            return False
-        if len(self._readable) > 1024:  # holders come and go: forget old answers
-            self._readable.clear()
-        self._readable[digest] = None
-        self._probes.append(descriptor)
-        return False
+            return None
+        want = _TRANSPORT_OF.get(self._transport)
+        if len(holder.ranks) != self._world or any(type(d) is not want for d in holder.ranks):
+            return None
+        if holder.generations is None:
+            return len(locations)  # staged slots: their keys are checked when copied
+        table = self._tables.get(holder.generations.path)
+        if table is None:
+            try:
+                table = GenerationTable.open(holder.generations.path, holder.generations.num_blocks)
+            except TransferError as e:
+                logger.info("kvmkt: holder pages unreachable: %s", e)
+                return None
+            while len(self._tables) >= _MAX_MAPPED_TABLES:  # e.g. tables of dead holders
+                self._tables.pop(next(iter(self._tables))).close()
+            self._tables[table.path] = table
+        return table.unchanged_prefix(locations)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
-        # An aborted request may finish before the copy into its blocks was confirmed:
-        # then its blocks are not known to hold the right KV yet, so they are not exported.
-        unsure = self._planner.has_pending_load(request.request_id) and (
-            request.status.name not in ("FINISHED_STOPPED", "FINISHED_LENGTH_CAPPED")
-        )
+        # A request aborted while its import is still being copied: its blocks do not
+        # hold known KV yet, so they are not exported.
+        unsure = self._planner.has_pending_load(request.request_id)
         imported = self._planner.on_request_finished(request.request_id)
         keys = self._keys.pop(request.request_id, None)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
@@ -266,7 +294,10 @@ class MarketplaceScheduler:
     # ------------------------------------------------------------ lifecycle
 
     def take_stats(self) -> MarketplaceStats | None:
-        return self.stats.take()
+        # Offline LLM drops the stats of steps without request outputs (vLLM 0.26
+        # llm_engine.py: record only if outputs): imports complete in such steps when
+        # nothing else runs, so keep counting until a step that computes something.
+        return self.stats.take() if self._step_runs else None
 
     def has_pending_exports(self) -> bool:
         return self._ledger is not None and self._ledger.has_pending()
@@ -279,16 +310,15 @@ class MarketplaceScheduler:
         if self._import or self._export:
             logger.warning("kvmkt: connector cache reset (weights may have changed): this "
                            "instance stops sharing KV until it restarts")
-        self._import = False
-        if self._ledger is None:
-            return True
-        self._export = False
-        done = self._ledger.withdraw_all()
-        self._ledger.stop_exporting()
-        return done
+        self._import = self._export = False
+        if self._ledger is not None:
+            self._ledger.stop_exporting()
+        return True
 
     def shutdown(self) -> None:
         self._planner.shutdown()
         if self._ledger is not None:
             self._ledger.shutdown()
+        for table in self._tables.values():
+            table.close()
         self._link.close()

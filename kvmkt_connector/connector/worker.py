@@ -1,14 +1,15 @@
-"""Worker side: register the KV cache, stage exports, copy imports, report what happened.
+"""Worker side: register the KV cache, stage exports, run imports, report what happened.
 
-All copies run in ``start_load_kv``, before the forward that reads the imported blocks
-(vLLM calls it in every step, also in steps without a forward). A job whose copy fails is
-reported through ``get_block_ids_with_load_errors`` and vLLM recomputes those blocks.
+Jobs arrive in ``start_load_kv`` (vLLM calls it in every step, also in steps without a
+forward). Exports are staged there, before the step's forward could rewrite their blocks.
+Imports run asynchronously (``loads.LoadRunner``); ``get_finished`` reports the requests
+whose copies are over, and ``get_block_ids_with_load_errors`` (called right after it, in
+the same step) the blocks of those that failed, which vLLM then recomputes.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import msgspec
@@ -16,23 +17,16 @@ import torch
 
 from kvmkt_connector.compat import KVLayoutSpec
 from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.loads import LoadRunner
 from kvmkt_connector.connector.metadata import (
-    LoadJob,
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
     SaveJob,
-    descriptor_digest,
 )
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.transport.descriptors import (
-    CudaIpcDescriptor,
-    HolderDescriptor,
-    HostShmDescriptor,
-    RankDescriptor,
-    TransferError,
-)
+from kvmkt_connector.transport.descriptors import RankDescriptor, TransferError
 from kvmkt_connector.transport.host_shm import (
     HostPageRegion,
     HostShmExporter,
@@ -42,6 +36,9 @@ from kvmkt_connector.transport.host_shm import (
 from kvmkt_connector.transport.layout import KVPageLayout, UnsupportedKVLayout
 
 logger = get_logger(__name__)
+# In a step without a forward, wait up to this long for the copies it issued (a 30k-token
+# import over NVLink takes ~10 ms): reported now, their requests run a step earlier.
+_IDLE_WAIT_S = 0.02
 
 
 def _tp_rank() -> int:
@@ -76,8 +73,10 @@ class MarketplaceWorker:
         self._exporter: HostShmExporter | None = None
         self._importer: HostShmImporter | None = None
         self._ipc_importer = None  # CudaIpcImporter
-        self._gpu_loads: list[tuple[int, Any, float]] = []  # (job id, event, start time)
+        self._loads: LoadRunner | None = None
         self._load_errors: set[int] = set()
+        self._finished: set[str] = set()
+        self._idle_step = False
         self._done = MarketplaceWorkerMetadata()
 
     # ------------------------------------------------------------ setup
@@ -123,6 +122,8 @@ class MarketplaceWorker:
                 self._problem = "transport cuda_ipc needs the KV cache on a CUDA device"
                 return
             self._setup_host_shm(layout)
+        self._loads = LoadRunner(layout, self._rank, self._stats, self._ipc_importer,
+                                 self._importer)
         logger.info(
             "kvmkt: worker %d shares %d layers x %d blocks (%d B/page, %s) over %s%s",
             self._rank, layout.num_layers, self._num_blocks, layout.layer_page_bytes,
@@ -189,29 +190,16 @@ class MarketplaceWorker:
     # ------------------------------------------------------------ per step
 
     def run_jobs(self, meta: MarketplaceConnectorMetadata) -> None:
-        for descriptor in meta.probes:
-            self._probe(descriptor)
-        for job in meta.saves:
-            self._save(job)
-        for job in meta.loads:
-            self._load(job)
-
-    def _probe(self, descriptor: bytes) -> None:
-        digest = descriptor_digest(descriptor)
-        try:
-            rank_desc = HolderDescriptor.decode(descriptor).ranks[self._rank]
-            if isinstance(rank_desc, CudaIpcDescriptor) and self._ipc_importer is not None:
-                self._ipc_importer.probe(rank_desc)
-            elif isinstance(rank_desc, HostShmDescriptor) and self._importer is not None:
-                self._importer.probe(rank_desc)
+        self._idle_step = meta.idle_step and bool(meta.loads)
+        for save in meta.saves:
+            self._save(save)
+        for job in meta.loads:  # issued after the saves: they may read blocks a load writes
+            if self._loads is None:
+                self._done.loads_failed[job.job_id] = 1
+                self._load_errors.update(job.dst)
+                self._finished.add(job.request_id)
             else:
-                raise TransferError(f"holder offers {type(rank_desc).__name__}, we use {self._transport}")
-        except Exception as e:
-            logger.warning("kvmkt: cannot read a holder's pages from this worker (%s): "
-                           "not importing from it", e)
-            self._done.probes_failed[digest] = 1
-            return
-        self._done.probes_ok[digest] = 1
+                self._loads.submit(job)
 
     def _save(self, job: SaveJob) -> None:
         ok = False
@@ -224,74 +212,35 @@ class MarketplaceWorker:
         target = self._done.saves_done if ok else self._done.saves_failed
         target[job.job_id] = 1
 
-    def _load(self, job: LoadJob) -> None:
-        if job.fault == "lease_lost" or not self._transport or self._layout is None:
-            self._done.loads_done[job.job_id] = 1
-            self._fail(job, "lease lost" if job.fault == "lease_lost" else "no transport")
-            return
-        t0 = time.perf_counter()
-        event = None
-        try:
-            rank_desc = HolderDescriptor.decode(job.descriptor).ranks[self._rank]
-            src, keys = job.src, job.keys
-            if job.fault == "first_page":  # the prototype's bug: every page from block 0
-                src, keys = [src[0]] * len(src), [keys[0]] * len(keys)
-            if isinstance(rank_desc, CudaIpcDescriptor) and self._ipc_importer is not None:
-                event = self._ipc_importer.load(rank_desc, src, job.dst)
-            elif isinstance(rank_desc, HostShmDescriptor) and self._importer is not None:
-                self._importer.load(rank_desc, src, keys, job.dst)
-            else:
-                raise TransferError(f"holder offers {type(rank_desc).__name__}, we use {self._transport}")
-        except Exception as e:  # any failure: these blocks are recomputed, serving goes on
-            self._done.loads_done[job.job_id] = 1
-            self._fail(job, f"{type(e).__name__}: {e}")
-            return
-        if job.fault == "zero":
-            idx = torch.tensor(job.dst, dtype=torch.int64, device=self._layout.device)
-            for view in self._layout.views:
-                view.index_fill_(0, idx, 0)
-        self._stats.count("imported_bytes", len(job.dst) * self._layout.block_bytes)
-        if event is None:  # host copies are done when load() returns
-            self._done.loads_done[job.job_id] = 1
-            self._stats.observe("import_seconds", time.perf_counter() - t0)
-        else:  # done when the GPU says so: only then may the holder reuse the pages
-            self._gpu_loads.append((job.job_id, event, t0))
-
-    def _fail(self, job: LoadJob, why: str) -> None:
-        logger.warning(
-            "kvmkt: import of %d blocks from holder %d failed (%s); they will be recomputed",
-            len(job.dst), job.holder_id, why,
-        )
-        self._load_errors.update(job.dst)
+    def get_finished(self) -> set[str] | None:
+        """Requests whose loads are over on this worker (their failures go out with
+        ``take_load_errors``, which vLLM calls next, in the same step)."""
+        if self._loads is not None:
+            res = self._loads.poll(wait_s=_IDLE_WAIT_S if self._idle_step else 0.0)
+            self._idle_step = False
+            self._finished |= res.finished_requests
+            self._load_errors |= res.failed_blocks
+            for job_id in res.done_jobs:
+                self._done.loads_done[job_id] = 1
+            for job_id in res.failed_jobs:
+                self._done.loads_failed[job_id] = 1
+        finished, self._finished = self._finished, set()
+        return finished or None
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
 
-    def _poll_gpu_loads(self) -> None:
-        still = []
-        for job_id, event, t0 in self._gpu_loads:
-            if event.query():
-                self._done.loads_done[job_id] = 1
-                self._stats.observe("import_seconds", time.perf_counter() - t0)
-            else:
-                still.append((job_id, event, t0))
-        self._gpu_loads = still
-        if self._ipc_importer is not None:
-            self._ipc_importer.sweep()
-
     def take_worker_meta(self) -> MarketplaceWorkerMetadata | None:
-        self._poll_gpu_loads()
         done, self._done = self._done, MarketplaceWorkerMetadata()
-        if (done.loads_done or done.saves_done or done.saves_failed or done.probes_ok
-                or done.probes_failed):
-            return done
-        return None
+        return done if done else None
 
     def take_stats(self) -> MarketplaceStats | None:
         return self._stats.take()
 
     def shutdown(self) -> None:
+        if self._loads is not None:
+            self._loads.close()
         if self._ipc_importer is not None:
             self._ipc_importer.close()
         if self._importer is not None:

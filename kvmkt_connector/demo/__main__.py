@@ -109,14 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             return [rng.randrange(3, vocab) for _ in range(n)]
 
         prefixes = [tokens(n) for n in args.prefix_tokens]
-        warm = tokens(64)
-        a_prompts = [p + tokens(40) for p in prefixes] + [warm]
+        a_prompts = [p + tokens(40) for p in prefixes]
         a.generate(a_prompts, max_tokens=4)
         blocks = sum(len(p) // 16 for p in a_prompts)
         got = wait_for_exports(socket_path, blocks)
         print(f"[demo] A served {len(a_prompts)} prompts and published {got} blocks", flush=True)
-        # B's first request that meets A makes B's workers probe A's pages (no import yet)
-        b.generate([warm + tokens(8)], max_tokens=1)
 
         rows = []
         for prefix in prefixes:

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -44,13 +45,14 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ready", os.getpid()))
+    background: dict[int, Any] = {}  # generate_async: id -> (thread, result box)
     while True:
         try:
             cmd, args = conn.recv()
         except EOFError:
             break
         try:
-            if cmd == "generate":
+            if cmd in ("generate", "generate_async"):
                 prompts, max_tokens, logprobs, options = args
                 sps = []
                 for opt in options or [{}] * len(prompts):
@@ -66,23 +68,32 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
                     inputs.append({"prompt_token_ids": list(p)})
                     if opt.get("cache_salt"):
                         inputs[-1]["cache_salt"] = opt["cache_salt"]
-                t0 = time.perf_counter()
-                outs = llm.generate(inputs, sps, use_tqdm=False)
-                dt = time.perf_counter() - t0
-                result = []
-                for o in outs:
-                    c = o.outputs[0]
-                    kvp = (o.kv_transfer_params or {}).get("kvmkt")
-                    lp = None
-                    if logprobs is not None and c.logprobs:
-                        lp = float(c.logprobs[0][c.token_ids[0]].logprob)
-                    imported = kvp["imported_tokens"] if kvp else -1
-                    result.append(Completion(list(c.token_ids), imported, lp, dt))
-                conn.send(("ok", result))
+                if cmd == "generate":
+                    conn.send(("ok", _generate(llm, inputs, sps, logprobs)))
+                else:  # runs while further commands (e.g. a cache reset) are served
+                    box: list = []
+                    thread = threading.Thread(
+                        target=lambda b=box, i=inputs, s=sps, lp=logprobs:
+                        b.append(_generate(llm, i, s, lp)), daemon=True)
+                    thread.start()
+                    background[id(box)] = (thread, box)
+                    conn.send(("ok", id(box)))
+            elif cmd == "collect":
+                thread, box = background.pop(args)
+                thread.join()
+                conn.send(("ok", box[0]) if box else ("error", "generate_async failed"))
+            elif cmd == "runtime":  # what this engine runs: GPU claims must show it
+                cfg = llm.llm_engine.vllm_config
+                conn.send(("ok", {
+                    "async_scheduling": bool(cfg.scheduler_config.async_scheduling),
+                    "model_runner": "V2" if cfg.use_v2_model_runner else "V1",
+                    "device": str(cfg.device_config.device_type),
+                    "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+                }))
             elif cmd == "metrics":
                 conn.send(("ok", [(m.name, getattr(m, "value", None)) for m in llm.get_metrics()]))
             elif cmd == "reset_prefix_cache":
-                conn.send(("ok", llm.reset_prefix_cache()))
+                conn.send(("ok", llm.reset_prefix_cache(**args)))
             elif cmd == "stop":
                 llm.llm_engine.engine_core.shutdown()  # lets vLLM unlink its shared memory
                 conn.send(("ok", None))
@@ -90,6 +101,22 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
         except BaseException:
             conn.send(("error", traceback.format_exc()))
     sys.exit(0)
+
+
+def _generate(llm: Any, inputs: list, sps: list, logprobs: int | None) -> list[Completion]:
+    t0 = time.perf_counter()
+    outs = llm.generate(inputs, sps, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        kvp = (o.kv_transfer_params or {}).get("kvmkt")
+        lp = None
+        if logprobs is not None and c.logprobs:
+            lp = float(c.logprobs[0][c.token_ids[0]].logprob)
+        imported = kvp["imported_tokens"] if kvp else -1
+        result.append(Completion(list(c.token_ids), imported, lp, dt))
+    return result
 
 
 class EngineProcess:
@@ -133,11 +160,26 @@ class EngineProcess:
         ``cache_salt`` (str)."""
         return self._call("generate", (prompts, max_tokens, logprobs, options))
 
+    def generate_async(self, prompts: list[list[int]], max_tokens: int = 8,
+                       logprobs: int | None = None,
+                       options: list[dict[str, Any]] | None = None) -> int:
+        """Start a generate in the engine process; ``collect`` returns its completions."""
+        return self._call("generate_async", (prompts, max_tokens, logprobs, options))
+
+    def collect(self, handle: int, timeout_s: float = 600) -> list[Completion]:
+        return self._call("collect", handle, timeout_s)
+
+    def runtime(self) -> dict[str, Any]:
+        """Scheduling mode and model runner this engine resolved to."""
+        return self._call("runtime")
+
     def metrics(self) -> dict[str, Any]:
         return dict(self._call("metrics"))
 
-    def reset_prefix_cache(self) -> bool:
-        return self._call("reset_prefix_cache")
+    def reset_prefix_cache(self, reset_running_requests: bool = False,
+                           reset_connector: bool = False) -> bool:
+        return self._call("reset_prefix_cache", dict(
+            reset_running_requests=reset_running_requests, reset_connector=reset_connector))
 
     @property
     def pid(self) -> int | None:

@@ -8,7 +8,7 @@ Importer: opens each handle once (``CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS``: the ma
 over NVLink when the GPUs differ; the exporter's GPU need not be visible to this process)
 and caches the mapping. A load is one ``PeerCopyPlan``: the source and destination address
 of every (segment, block), built with numpy and executed by one kernel launch per page size
-on the current stream, so the forward that follows on that stream sees the pages.
+on the current stream (the importer's side stream; see connector/loads.py).
 Mappings of exporters that died or stayed unused are closed once no copy uses them.
 """
 
@@ -23,7 +23,12 @@ import numpy as np
 import torch
 
 from kvmkt_connector.transport import cuda_driver as cu
-from kvmkt_connector.transport.descriptors import CudaIpcDescriptor, CudaIpcSegment, TransferError
+from kvmkt_connector.transport.descriptors import (
+    CudaIpcDescriptor,
+    CudaIpcSegment,
+    TransferError,
+    process_alive,
+)
 from kvmkt_connector.transport.layout import KVPageLayout
 
 IDLE_CLOSE_S = 60.0
@@ -55,14 +60,6 @@ def describe_exports(layout: KVPageLayout) -> CudaIpcDescriptor:
     device = layout.device.index if layout.device.index is not None else torch.cuda.current_device()
     return CudaIpcDescriptor(cu.device_uuid(device), os.getpid(), handles, segments,
                              layout.num_blocks)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 class PeerCopyPlan:
@@ -140,10 +137,6 @@ class CudaIpcImporter:
         self._inflight.append((event, list(handles), (addresses, on_device)))
         return event
 
-    def probe(self, desc: CudaIpcDescriptor) -> None:
-        """Open the holder's handles now (raises TransferError if we cannot reach them)."""
-        self._bases(desc)
-
     def load(self, desc: CudaIpcDescriptor, src_blocks: list[int], dst_blocks: list[int]) -> torch.cuda.Event:
         return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
 
@@ -156,7 +149,7 @@ class CudaIpcImporter:
             return
         self._next_sweep = now + 1.0
         busy = {h for _, hs, _ in self._inflight for h in hs}
-        alive = {pid: _process_alive(pid) for _, _, pid in self._mapped.values()}
+        alive = {pid: process_alive(pid) for _, _, pid in self._mapped.values()}
         for handle, (ptr, last, pid) in list(self._mapped.items()):
             if handle in busy:
                 continue

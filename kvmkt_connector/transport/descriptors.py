@@ -13,6 +13,15 @@ class TransferError(RuntimeError):
     """A page copy did not happen or cannot be trusted; the pages must be recomputed."""
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a holder process still runs (same PID namespace: one node, one registry)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 class HostShmDescriptor(msgspec.Struct, frozen=True, tag="host_shm"):
     """Pages staged in a shared host-memory file (CPU engines, GPUs without peer access)."""
 
@@ -41,8 +50,16 @@ class CudaIpcDescriptor(msgspec.Struct, frozen=True, tag="cuda_ipc"):
 RankDescriptor = HostShmDescriptor | CudaIpcDescriptor
 
 
+class GenerationsDescriptor(msgspec.Struct, frozen=True):
+    """The holder's block generation table (in-place export; see ``generations``)."""
+
+    path: str
+    num_blocks: int
+
+
 class HolderDescriptor(msgspec.Struct, frozen=True):
     ranks: list[RankDescriptor]  # index: TP rank
+    generations: GenerationsDescriptor | None = None  # in-place export only
 
     def encode(self) -> bytes:
         return msgspec.msgpack.encode(self)

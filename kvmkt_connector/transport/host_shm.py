@@ -161,10 +161,6 @@ class HostShmImporter:
         self._regions[descriptor.path] = region  # most recently used last
         return region
 
-    def probe(self, descriptor: HostShmDescriptor) -> None:
-        """Map the holder's region now (raises TransferError if we cannot)."""
-        self._region(descriptor)
-
     def load(
         self, descriptor: HostShmDescriptor, slots: list[int], keys: list[bytes], block_ids: list[int]
     ) -> None:

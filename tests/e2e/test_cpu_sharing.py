@@ -2,9 +2,11 @@
 
 Engines (one registry, all started once for the module):
   A  exporter, connector enabled by name only (the plugin path)
-  B  importer, fault injection allowed (for the negative controls)
+  B  importer, fault injection allowed (negative controls, reported failures), chunked
+     prefill of 256 tokens per step
   R  the reference: same model and config, no connector
   C  block size 32, connector loaded through kv_connector_module_path: not compatible
+  D  a small KV cache (128 blocks): exports must not keep it from serving a long prompt
 
 The model has seeded normal weights, so its greedy tokens depend on every KV page: an
 import that delivered a wrong page would change them (the negative controls show it does).
@@ -39,7 +41,10 @@ FAULTY = {fault: [fresh(n) for n in (300, 450, 600)] for fault in ("zero", "firs
 SALTED = [fresh(320), fresh(320)]
 FOR_C = [fresh(n) for n in (256, 500)]
 KILLED = fresh(400)
-WARM = fresh(64)  # B's first request meets A: its workers probe A's pages, no import yet
+FIRST = fresh(200)  # B's very first request: it meets A and imports at once
+FAILING = [fresh(160 + 16 * i) for i in range(8)]  # prefixes P for the reported failures
+RESET = [fresh(300) for _ in range(3)]  # exported by A, then A's cache is reset
+AFTER_FAIL = fresh(240)  # imported by B right after the reported failures
 
 
 def exported_blocks(prompt: list[int]) -> int:
@@ -51,23 +56,34 @@ def exported_blocks(prompt: list[int]) -> int:
 def engines(cluster, tiny_model_dir):
     cluster.start("A", tiny_model_dir, connector={"kv_connector": CONNECTOR, "kv_role": "kv_both"})
     cluster.start("B", tiny_model_dir, connector=connector_config(allow_fault_injection=True),
-                  disable_log_stats=False)  # connector metrics in LLM.get_metrics()
+                  disable_log_stats=False,  # connector metrics in LLM.get_metrics()
+                  max_num_batched_tokens=256)
     cluster.start("R", tiny_model_dir, connector=None)
     cluster.start(
         "C", tiny_model_dir, block_size=32,
         connector={"kv_connector": CONNECTOR, "kv_role": "kv_both",
                    "kv_connector_module_path": "kvmkt_connector.connector.facade"},
     )
+    cluster.start("D", tiny_model_dir, connector=connector_config(), num_gpu_blocks_override=128)
     cluster.wait_all()
     a = cluster.engines["A"]
-    plain = SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED, WARM]
+    plain = (SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED, FIRST]
+             + FAILING + [AFTER_FAIL])
     a.generate(plain, max_tokens=A_OUT)
     a.generate([SALTED[0]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
     a.generate([SALTED[1]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
     cluster.wait_published(sum(exported_blocks(p) for p in plain + SALTED))
-    (first,) = cluster.engines["B"].generate([WARM + fresh(10)], max_tokens=1)
-    assert first.imported_tokens == 0  # a holder is probed before anything is imported
     return cluster.engines
+
+
+def test_first_request_that_meets_a_holder_imports(engines):
+    """No warm-up: B's first request ever imports A's prefix (no probe round first)."""
+    b, r = engines["B"], engines["R"]
+    prompt = FIRST + fresh(10)
+    (got,) = b.generate([prompt], max_tokens=MAX_TOKENS)
+    (ref,) = r.generate([prompt], max_tokens=MAX_TOKENS)
+    assert got.imported_tokens == (len(FIRST) // BS) * BS
+    assert got.token_ids == ref.token_ids
 
 
 def one_by_one(engine, prompts, **kw):
@@ -122,6 +138,33 @@ def test_negative_control_corrupted_pages_change_the_output(engines, fault):
     assert differ >= 2, f"corrupted ({fault}) imports left {3 - differ}/3 outputs unchanged"
 
 
+def test_reported_load_failures_are_recomputed(engines):
+    """Imports that fail (reported to vLLM as load errors) cost a recompute, nothing else.
+
+    X = P + 300 tokens whose import fails, submitted together with Y = P + 20 tokens, whose
+    import succeeds, into an engine prefilling 256 tokens per step. With synchronous loads
+    vLLM 0.26 cached X's unconfirmed blocks at allocation, so Y could read them; here loads
+    are asynchronous and only confirmed blocks are ever cached."""
+    b, r = engines["B"], engines["R"]
+    xs = [p + fresh(300) for p in FAILING]
+    ys = [p + fresh(20) for p in FAILING]
+    fail = {"kv_transfer_params": {"kvmkt_fault": "fail"}}
+    before = b.metrics()
+    got = b.generate(xs + ys, max_tokens=MAX_TOKENS, options=[fail] * len(xs) + [{}] * len(ys))
+    ref = r.generate(xs + ys, max_tokens=MAX_TOKENS)
+    after = b.metrics()
+    n = len(FAILING)
+    assert [g.imported_tokens for g in got[:n]] == [0] * n  # failed: counted as nothing
+    # (Y imports P, or finds it in B's own cache once X recomputed it: both are right)
+    mismatches = [i for i, (g, w) in enumerate(zip(got, ref, strict=True)) if g.token_ids != w.token_ids]
+    assert not mismatches, f"outputs differ after reported failures: {mismatches}"
+    failed = after["vllm:kvmkt_fallback_load_error"] - before["vllm:kvmkt_fallback_load_error"]
+    assert failed >= sum(len(p) // BS for p in FAILING) // 2  # the failures did happen
+    # the engine is still serving and importing
+    (again,) = b.generate([AFTER_FAIL + fresh(30)], max_tokens=MAX_TOKENS)
+    assert again.imported_tokens == (len(AFTER_FAIL) // BS) * BS
+
+
 def test_cache_salt_separates_tenants(engines):
     b, r = engines["B"], engines["R"]
     same = SALTED[0] + fresh(20)
@@ -158,6 +201,40 @@ def test_incompatible_instance_imports_nothing_and_says_why(engines, cluster):
         one_by_one(c, [fresh(20)])  # a step of C's scheduler runs the check when due
         time.sleep(1)
     assert "block_size (32 here, 16 there)" in line, line or log[-2000:]
+
+
+def test_exports_never_keep_the_exporter_from_serving(engines, cluster):
+    """D (128 KV blocks) exports prefixes until its offer is full, then serves a prompt
+    needing more than 90 % of its blocks: exports hold no vLLM blocks, so it runs."""
+    d, r = engines["D"], engines["R"]
+    with cluster.client() as reg:
+        before = reg.status().published_blocks
+    d.generate([fresh(480) for _ in range(6)], max_tokens=A_OUT)  # ~180 blocks: > its cache
+    cluster.wait_published(before + 60)
+    long = fresh(1850)  # 1850 + 8 tokens: 117 of 128 blocks
+    (got,) = d.generate([long], max_tokens=MAX_TOKENS)
+    (ref,) = r.generate([long], max_tokens=MAX_TOKENS)
+    assert len(got.token_ids) == MAX_TOKENS and got.token_ids == ref.token_ids
+
+
+def test_reset_with_requests_in_flight_withdraws_exports(engines, cluster):
+    """A resets its prefix cache while requests run (what pause_generation(clear_cache=True)
+    and RL weight syncs do): the reset succeeds, A keeps serving, and B imports nothing A
+    exported before it."""
+    a, b, r = engines["A"], engines["B"], engines["R"]
+    a.generate(RESET, max_tokens=A_OUT)
+    cluster.wait_published(sum(exported_blocks(p) for p in RESET))
+    running = a.generate_async([fresh(200) for _ in range(4)], max_tokens=64)
+    time.sleep(0.5)
+    assert a.reset_prefix_cache(reset_running_requests=True) is True
+    outs = a.collect(running)
+    assert all(len(o.token_ids) == 64 for o in outs)
+    time.sleep(0.5)  # the withdrawal goes out through A's background holder channel
+    prompts = [p + fresh(20) for p in RESET]
+    got = one_by_one(b, prompts)
+    ref = one_by_one(r, prompts)
+    assert [g.imported_tokens for g in got] == [0] * len(prompts)
+    assert [g.token_ids for g in got] == [w.token_ids for w in ref]
 
 
 def test_exporter_killed_before_import(engines, cluster):

@@ -14,8 +14,8 @@ def test_defaults_and_overrides():
     ({"lease_ttl": 5}, "lease_ttl"),  # typo: unknown key is named
     ({"transport": "nvlink"}, "transport"),
     ({"min_import_tokens": "many"}, "min_import_tokens"),
-    ({"lease_ttl_s": 5, "lease_margin_s": 6}, "lease_margin_s"),
-    ({"max_pinned_fraction": 1.5}, "max_pinned_fraction"),
+    ({"lease_ttl_s": 0}, "lease_ttl_s"),
+    ({"max_pinned_fraction": 0.25}, "max_pinned_fraction"),  # gone: exports pin nothing
 ])
 def test_bad_config_is_refused_with_the_key_named(extra, word):
     with pytest.raises(ValueError, match=word):

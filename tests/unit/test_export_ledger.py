@@ -1,5 +1,6 @@
 """ExportLedger against vLLM's own BlockPool and Request, a real registry process and the real
-HolderChannel thread: pins, the soft budget of in-place export, leases blocking release."""
+HolderChannel thread: exports hold no blocks, rewritten blocks are withdrawn and their
+generations bumped, resets withdraw everything, a restarted registry gets it all again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import pytest
 from vllm import SamplingParams
@@ -20,9 +22,23 @@ from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegist
 from kvmkt_connector.hashing import BlockKeyer, KeyScope
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.client import RegistryClient
+from kvmkt_connector.transport.generations import GenerationTable
 
 BS = 16
 NS = b"N" * 16
+
+
+_REGISTRIES: dict[str, subprocess.Popen] = {}
+
+
+def _start_registry(sock: str) -> None:
+    _REGISTRIES[sock] = subprocess.Popen(
+        [sys.executable, "-m", "kvmkt_connector.registry", "serve", "--socket", sock],
+        stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -30,13 +46,9 @@ def registry():
     d = tempfile.mkdtemp(dir="/tmp")
     os.chmod(d, 0o700)
     sock = os.path.join(d, "r.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "kvmkt_connector.registry", "serve",
-                             "--socket", sock], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _start_registry(sock)
     yield sock
+    proc = _REGISTRIES.pop(sock)
     proc.terminate()
     proc.wait(10)
 
@@ -49,15 +61,18 @@ def _request(rid: str, tokens: list[int], status=RequestStatus.FINISHED_LENGTH_C
     return req
 
 
-def _ledger(sock, pool, fraction=0.25, staged=None):
+def _ledger(sock, pool, staged=None, tmp=None):
     cfg = MarketplaceConfig(registry_socket=sock, registry_autostart=False,
-                            max_pinned_fraction=fraction, registry_sync_interval_ms=20)
+                            registry_sync_interval_ms=20, registry_retry_s=0.1)
     channel = HolderChannel(cfg, "test", HolderRegistration(NS, "exporter", b"", b""))
     deadline = time.monotonic() + 10
     while not channel.connected:
         assert time.monotonic() < deadline, "holder did not register"
         time.sleep(0.01)
-    return ExportLedger(cfg, BS, channel, MarketplaceStats(), pool, staged), channel
+    gens = None
+    if staged is None:
+        gens = GenerationTable.create(os.path.join(tmp, "gen"), pool.num_gpu_blocks)
+    return ExportLedger(cfg, BS, channel, MarketplaceStats(), pool, staged, gens), channel
 
 
 def _settle(ledger, until, timeout=5.0):
@@ -74,79 +89,101 @@ def _export(ledger, pool, rid, n_blocks, seed, status=RequestStatus.FINISHED_LEN
     req = _request(rid, tokens, status)
     keys = BlockKeyer(NS, BS).start(KeyScope())
     ledger.on_request_finished(req, [b.block_id for b in blocks], keys)
-    pool.free_blocks(blocks)  # the request's own reference goes, our pins stay
+    pool.free_blocks(blocks)  # the request finishes: its blocks go back to vLLM
     return keys.keys[:n_blocks], blocks
 
 
-def test_in_place_export_publishes_whole_prefixes_and_enforces_the_budget(registry):
+def test_in_place_export_holds_no_blocks_and_rewrites_withdraw(registry, tmp_path):
     pool = BlockPool(num_gpu_blocks=201, enable_caching=True, hash_block_size=BS)
-    ledger, channel = _ledger(registry, pool, fraction=0.25)  # budget: 50 blocks
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
     free_before = pool.get_num_free_blocks()
     keys, blocks = _export(ledger, pool, "r1", 40, seed=1)
-    assert all(b.ref_cnt == 1 for b in blocks[:40]) and blocks[40].ref_cnt == 0
+    assert all(b.ref_cnt == 0 for b in blocks) and pool.get_num_free_blocks() == free_before
+    reader = GenerationTable.open(str(tmp_path / "gen"), pool.num_gpu_blocks)
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.lookup(NS, keys)[1] == 40)
-        # A 30-block prefix over the 50-block budget is still published whole ...
-        keys2, _ = _export(ledger, pool, "r2", 30, seed=2)
-        _settle(ledger, lambda: q.lookup(NS, keys2)[1] == 30)
-        # ... and the overshoot is reclaimed from the least recently used entries: r1's.
-        _settle(ledger, lambda: ledger._used() <= 50)
-        assert q.lookup(NS, keys2)[1] == 30
-        assert q.lookup(NS, keys)[1] < 40
-        # Pins follow the registry: what is no longer listed is back in the free queue.
-        pinned = sum(b.ref_cnt for b in pool.blocks if not b.is_null)
-        assert pinned == ledger._used() <= 50
-        assert pool.get_num_free_blocks() == free_before - pinned
-    channel.close()
+        grant = q.lease(NS, keys, ttl_ms=60_000)
+        assert reader.unchanged_prefix(grant.locations) == 40
+        # vLLM gives blocks 10.. of the prefix to a new request: a step will write them
+        out = SimpleNamespace(
+            scheduled_new_reqs=[SimpleNamespace(block_ids=([b.block_id for b in blocks[10:]],),
+                                                num_computed_tokens=0)],
+            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                                  num_computed_tokens=[], resumed_req_ids=set()))
+        ledger.tick(out)
+        # an importer holding the lease now sees the rewrite (even though it leased first)
+        assert reader.unchanged_prefix(grant.locations) == 10
+        _settle(ledger, lambda: q.lookup(NS, keys)[1] == 10)  # withdrawn from the registry
+    reader.close()
+    ledger.shutdown()
 
 
-def test_leased_pages_are_not_released_until_the_lease_ends(registry):
+def test_prefix_cache_reset_withdraws_everything(registry, tmp_path):
     pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
-    ledger, channel = _ledger(registry, pool, fraction=0.2)  # budget: 20 blocks
-    keys, blocks = _export(ledger, pool, "r1", 20, seed=3)
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
+    keys, _ = _export(ledger, pool, "r1", 20, seed=3)
+    reader = GenerationTable.open(str(tmp_path / "gen"), pool.num_gpu_blocks)
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.lookup(NS, keys)[1] == 20)
         grant = q.lease(NS, keys, ttl_ms=60_000)
-        assert grant is not None and len(grant.locations) == 20
-        _export(ledger, pool, "r2", 20, seed=4)  # 20 over budget, but r1 is leased
-        time.sleep(0.3)
-        for _ in range(10):
-            ledger.tick()
-            time.sleep(0.02)
-        assert all(b.ref_cnt == 1 for b in blocks[:20]), "a leased page was unpinned"
-        q.release_leases([grant.lease_id])
-        _settle(ledger, lambda: ledger._used() <= 20)
-    channel.close()
+        assert pool.reset_prefix_cache()  # no block is held: vLLM's reset succeeds
+        ledger.tick()
+        assert reader.unchanged_prefix(grant.locations) == 0
+        _settle(ledger, lambda: q.status().published_blocks == 0)
+    reader.close()
+    ledger.shutdown()
 
 
-def test_staged_export_truncates_to_free_slots_and_stages_copies(registry):
+def test_a_restarted_registry_gets_every_export_again(registry, tmp_path):
+    pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
+    keys, _ = _export(ledger, pool, "r1", 12, seed=6)
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        _settle(ledger, lambda: q.lookup(NS, keys)[1] == 12)
+    _REGISTRIES[registry].kill()
+    _REGISTRIES[registry].wait(10)
+    os.unlink(registry)
+    _start_registry(registry)
+    deadline = time.monotonic() + 10
+    while True:
+        ledger.tick()
+        try:
+            with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+                if q.lookup(NS, keys)[1] == 12:
+                    break
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "exports were not published again"
+        time.sleep(0.05)
+    ledger.shutdown()
+
+
+def test_staged_export_truncates_to_free_slots_and_holds_no_blocks(registry):
     pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
     ledger, channel = _ledger(registry, pool, staged=8)
     keys, blocks = _export(ledger, pool, "r1", 12, seed=5)
     (job,) = ledger.take_jobs()
     assert len(job.src) == 8 and job.src == [b.block_id for b in blocks[:8]]
-    assert all(b.ref_cnt == 1 for b in blocks[:8]) and blocks[8].ref_cnt == 0
+    assert all(b.ref_cnt == 0 for b in blocks)
     ledger.on_saves_done([job.job_id])
-    assert all(b.ref_cnt == 0 for b in blocks[:8])  # unpinned once copied
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.lookup(NS, keys)[1] == 8)
     channel.close()
 
 
-def test_blocks_of_steps_still_in_flight_are_not_exported(registry):
+def test_blocks_of_steps_still_in_flight_are_not_exported(registry, tmp_path):
     """An aborted request can finish while a prefill chunk of it is still in flight (async
     scheduling counts scheduled tokens as computed): only blocks below what completed steps
-    wrote are pinned and published."""
+    wrote are published."""
     pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
-    ledger, channel = _ledger(registry, pool)
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
     tokens = [(7000 + i) % 50000 for i in range(10 * BS + 5)]
     blocks = pool.get_new_blocks(11)
     req = _request("r-abort", tokens, RequestStatus.FINISHED_ABORTED)
     req.num_in_flight_tokens = 4 * BS + 5  # the last chunk is scheduled, not yet run
     keys = BlockKeyer(NS, BS).start(KeyScope())
     ledger.on_request_finished(req, [b.block_id for b in blocks], keys)
-    assert [b.ref_cnt for b in blocks] == [2] * 6 + [1] * 5  # request's ref + our pin
     pool.free_blocks(blocks)
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.status().published_blocks == 6)
-    channel.close()
+    ledger.shutdown()

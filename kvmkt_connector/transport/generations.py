@@ -1,0 +1,126 @@
+"""Block generations: how an importer knows an in-place page was not rewritten under it.
+
+With in-place export (``cuda_ipc``) importers read the exporter's own KV cache blocks, and
+the exporter pins nothing: vLLM may hand a published block to another request at any time.
+So every block has a generation in a small shared-memory file the exporter's scheduler
+writes and importers map read-only. The exporter bumps a block's generation when vLLM
+allocates it, in ``build_connector_meta``, i.e. before the forward that writes it is even
+sent to the workers. A published location carries the generation it was published at
+(``location = generation << 32 | block``).
+
+An importer copies a page and only then compares the block's generation with the one in
+its location. Unchanged means no write into the block was scheduled before the copy ended,
+so the copy read the published KV. Changed means the pages may be torn: the load is
+reported failed and vLLM recomputes them (loads are asynchronous, so that is a safe path).
+Generations only grow, so a block that held the same key again later cannot pass for the
+old one.
+
+File layout (little-endian): 64-byte header (magic, version, num_blocks), then one u32 per
+block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from kvmkt_connector.transport.descriptors import TransferError
+
+_MAGIC = b"KVMKTGN1"
+_HEADER = struct.Struct("<8sIQ")
+_HEADER_BYTES = 64
+BLOCK_BITS = 32
+_BLOCK_MASK = (1 << BLOCK_BITS) - 1
+_GEN_MASK = (1 << 31) - 1  # keeps locations positive int64
+
+
+def encode_locations(blocks: np.ndarray, generations: np.ndarray) -> list[int]:
+    return ((generations.astype(np.int64) << BLOCK_BITS) | blocks.astype(np.int64)).tolist()
+
+
+def decode_locations(locations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(block ids, generations) of published locations."""
+    loc = np.asarray(locations, dtype=np.int64)
+    return loc & _BLOCK_MASK, (loc >> BLOCK_BITS).astype(np.uint32)
+
+
+class GenerationTable:
+    """One exporter's block generations, mapped from ``path``."""
+
+    def __init__(self, path: str, num_blocks: int, fd: int, writable: bool) -> None:
+        self.path, self.num_blocks, self.writable = path, num_blocks, writable
+        size = _HEADER_BYTES + 4 * num_blocks
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        try:
+            if os.fstat(fd).st_size < size:
+                raise TransferError(f"{path} is too small for {num_blocks} blocks")
+            self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        magic, _, n = _HEADER.unpack_from(self._mmap, 0)
+        if not writable and (magic, n) != (_MAGIC, num_blocks):
+            self._mmap.close()
+            raise TransferError(f"{path} is not a generation table of {num_blocks} blocks")
+        self.generations = np.frombuffer(self._mmap, dtype=np.uint32, count=num_blocks,
+                                         offset=_HEADER_BYTES)
+
+    @classmethod
+    def create(cls, path: str, num_blocks: int) -> GenerationTable:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, _HEADER_BYTES + 4 * num_blocks)  # no SIGBUS later
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        table = cls(path, num_blocks, fd, writable=True)
+        _HEADER.pack_into(table._mmap, 0, _MAGIC, 1, num_blocks)
+        return table
+
+    @classmethod
+    def open(cls, path: str, num_blocks: int) -> GenerationTable:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise TransferError(f"cannot open generation table {path}: {e}") from e
+        if os.fstat(fd).st_uid != os.getuid():
+            os.close(fd)
+            raise TransferError(f"{path} is not a generation table of this user")
+        return cls(path, num_blocks, fd, writable=False)
+
+    # ------------------------------------------------------------ exporter
+
+    def bump(self, block_ids: list[int] | np.ndarray) -> None:
+        """Blocks about to be rewritten: no location published before stays valid."""
+        if len(block_ids):
+            idx = np.unique(np.asarray(block_ids, dtype=np.int64))
+            self.generations[idx] = (self.generations[idx] + 1) & _GEN_MASK
+
+    def bump_all(self) -> None:
+        self.generations[:] = (self.generations + 1) & _GEN_MASK
+
+    def locations(self, block_ids: list[int]) -> list[int]:
+        blocks = np.asarray(block_ids, dtype=np.int64)
+        return encode_locations(blocks, self.generations[blocks])
+
+    # ------------------------------------------------------------ importer
+
+    def unchanged_prefix(self, locations: list[int]) -> int:
+        """How many leading locations still name the page they were published for."""
+        blocks, gens = decode_locations(locations)
+        if blocks.size and (blocks.max() >= self.num_blocks or blocks.min() < 0):
+            return 0
+        stale = np.flatnonzero(self.generations[blocks] != gens)
+        return int(stale[0]) if stale.size else len(locations)
+
+    def close(self) -> None:
+        self.generations = None  # type: ignore[assignment]
+        with contextlib.suppress(BufferError):
+            self._mmap.close()
+        if self.writable:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
