@@ -40,7 +40,7 @@ class LoadJob(msgspec.Struct, frozen=True):
 
 
 class SaveJob(msgspec.Struct, frozen=True):
-    """Copy our (pinned) blocks into export slots so other instances can read them."""
+    """Copy our blocks into export slots (before this step's forward may rewrite them)."""
 
     job_id: int
     src: list[int]  # our block ids
