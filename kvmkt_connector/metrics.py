@@ -33,7 +33,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "exported_blocks": (COUNTER, "vllm:kvmkt_exported_blocks_total",
                         "Blocks this instance published for others."),
     "released_blocks": (COUNTER, "vllm:kvmkt_released_blocks_total",
-                                "Published blocks this instance let go (LRU or budget)."),
+                                "Published blocks this instance withdrew (rewritten, reset, registry LRU)."),
     "fallback_miss": (COUNTER, "vllm:kvmkt_fallback_miss_total",
                       "Lookups that found nothing to import (normal prefill)."),
     "fallback_incompatible": (COUNTER, "vllm:kvmkt_fallback_incompatible_total",

@@ -8,7 +8,10 @@ published page carries a tag that importers check after their copy:
 - ``in place`` (cuda_ipc): importers read our KV cache blocks directly. The tag is the
   block's generation (``transport.generations``), bumped here whenever vLLM allocates the
   block again, before the forward that writes it runs; a rewritten block is withdrawn from
-  the registry at the same moment.
+  the registry at the same moment. A finished request's blocks are published only once
+  every step scheduled before it finished has ended (the workers acknowledge steps): an
+  aborted request can hold prefix hits on blocks that another request's chunk, still in
+  flight, is writing.
 - ``staged`` (host_shm): the worker copies the blocks into slots of a shared region (in the
   next step, before any forward could rewrite them). The tag is the slot's key, cleared
   before a slot is restaged. Slots are reused once the registry released them, or at once
@@ -27,6 +30,7 @@ delays a request; what the registry answers is applied once per scheduler step i
 
 from __future__ import annotations
 
+from collections import deque
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,6 +68,8 @@ def rewritten_blocks(out: SchedulerOutput, block_size: int) -> list[int]:
         if new:
             skip = computed // block_size if rid in cached.resumed_req_ids else 0
             ids += new[0][skip:]
+    # Both are new blocks of the requests above already; listed so no write is ever missed.
+    ids += getattr(out, "new_block_ids_to_zero", None) or []
     return ids
 
 
@@ -99,6 +105,10 @@ class ExportLedger:
         self._generation = channel.generation
         self._prefix_cache = pool.cached_block_hash_to_block  # replaced by a reset
         self._next_job = 0
+        self.step = 0  # sequence number of the step being scheduled
+        self._acked = -1  # every step up to this one has ended (workers said so)
+        # in place: (first step scheduled after the finish, keys, blocks, locations)
+        self._waiting: deque[tuple[int, list[bytes], list[int], list[int]]] = deque()
 
     # ------------------------------------------------------------ export
 
@@ -135,7 +145,7 @@ class ExportLedger:
             self._withdraw([b for b in blocks if b in self._listed])  # held another key
             locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
-            self._channel.publish(new_keys, locations)
+            self._waiting.append((self.step + 1, new_keys, blocks, locations))
         self._update_gauges()
 
     def _make_room(self, wanted: int) -> int:
@@ -151,7 +161,26 @@ class ExportLedger:
             self._listed[index] = (key, loc)
 
     def has_pending(self) -> bool:
-        return bool(self._pending_jobs or self._staging)
+        return bool(self._pending_jobs or self._staging or self._waiting)
+
+    def wants_ack(self) -> bool:
+        return bool(self._waiting)
+
+    def on_step_acked(self, step: int) -> None:
+        self._acked = max(self._acked, step)
+
+    def _publish_settled(self) -> None:
+        """Publish what waited for the steps in flight at its finish to end, unless it was
+        rewritten or withdrawn meanwhile (then it is no longer listed as it was)."""
+        keys, locations = [], []
+        while self._waiting and self._waiting[0][0] <= self._acked:
+            _, ks, blocks, locs = self._waiting.popleft()
+            for k, b, loc in zip(ks, blocks, locs, strict=True):
+                if self._listed.get(b) == (k, loc):
+                    keys.append(k)
+                    locations.append(loc)
+        if keys:
+            self._channel.publish(keys, locations)
 
     def take_jobs(self) -> list[SaveJob]:
         jobs, self._pending_jobs = self._pending_jobs, []
@@ -191,14 +220,17 @@ class ExportLedger:
 
     def _forget(self, indices: list[int]) -> None:
         """Not offered any more: in place, nothing else to do; staged, the slot is free."""
+        forgotten = 0
         for index in indices:
             entry = self._listed.pop(index, None)
             if entry is None:
                 continue  # not held (already released): never free a slot twice
+            forgotten += 1
             self._index_of.pop(entry[0], None)
             if self.staged:
                 self._free_slots.append(index)
-        self._stats.count("released_blocks", len(indices))
+        if forgotten:
+            self._stats.count("released_blocks", forgotten)
 
     def _released(self, locations: list[int]) -> None:
         """The registry no longer lists these locations (LRU, reclaim, unpublish)."""
@@ -209,6 +241,7 @@ class ExportLedger:
     def tick(self, scheduler_output: SchedulerOutput | None = None) -> None:
         """Once per scheduler step, before the step's forward is sent to the workers."""
         if scheduler_output is not None:
+            self.step += 1
             self.on_blocks_rewritten(rewritten_blocks(scheduler_output, self._bs))
         if self._pool.cached_block_hash_to_block is not self._prefix_cache:
             self._prefix_cache = self._pool.cached_block_hash_to_block
@@ -218,6 +251,7 @@ class ExportLedger:
         if self._channel.generation != self._generation:
             self._generation = self._channel.generation
             self._republish()
+        self._publish_settled()
         for event in self._channel.take_events():
             if event.kind == "published":
                 self._stats.count("exported_blocks", len(event.locations))
@@ -231,8 +265,8 @@ class ExportLedger:
 
     def _republish(self) -> None:
         """A new registration (e.g. the registry restarted): offer everything again."""
-        staging = self._staging_slots()
-        items = [(k, loc) for i, (k, loc) in self._listed.items() if i not in staging]
+        unsettled = self._staging_slots() | {b for w in self._waiting for b in w[2]}
+        items = [(k, loc) for i, (k, loc) in self._listed.items() if i not in unsettled]
         if items:
             logger.info("kvmkt: registered again: republishing %d pages", len(items))
             self._channel.publish([k for k, _ in items], [loc for _, loc in items])

@@ -184,7 +184,8 @@ class LoadRunner:
         if table is None:
             table = GenerationTable.open(path, num_blocks)
             while len(self._tables) >= _MAX_TABLES:  # e.g. tables of dead holders
-                self._tables.pop(next(iter(self._tables))).close()
+                # not closed: a copy in flight may still check it; unmapped once unreferenced
+                self._tables.pop(next(iter(self._tables)))
             self._tables[path] = table
         return table
 

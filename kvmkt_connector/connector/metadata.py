@@ -55,6 +55,8 @@ class MarketplaceConnectorMetadata(KVConnectorMetadata):
     # The step runs no forward: workers may as well wait for this step's copies, so their
     # requests are reported (and scheduled) a step earlier.
     idle_step: bool = False
+    step: int = 0  # this step's sequence number (scheduler side)
+    ack: bool = False  # workers echo ``step`` back: the exporter waits for steps to end
 
 
 @dataclass
@@ -65,15 +67,18 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
     loads_failed: dict[int, int] = field(default_factory=dict)
     saves_done: dict[int, int] = field(default_factory=dict)
     saves_failed: dict[int, int] = field(default_factory=dict)
+    acked_step: int = -1  # the step this output ends, when the scheduler asked (-1: not)
 
     def __bool__(self) -> bool:
-        return bool(self.loads_done or self.loads_failed or self.saves_done or self.saves_failed)
+        return bool(self.loads_done or self.loads_failed or self.saves_done or self.saves_failed
+                    or self.acked_step >= 0)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> MarketplaceWorkerMetadata:
         assert isinstance(other, MarketplaceWorkerMetadata)
+        acks = [s for s in (self.acked_step, other.acked_step) if s >= 0]
         out = MarketplaceWorkerMetadata(
             dict(self.loads_done), dict(self.loads_failed), dict(self.saves_done),
-            dict(self.saves_failed),
+            dict(self.saves_failed), min(acks) if acks else -1,
         )
         for mine, theirs in (
             (out.loads_done, other.loads_done),

@@ -7,6 +7,7 @@ the compatibility fingerprint complete, and with it the namespace of our keys.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -143,8 +144,10 @@ class MarketplaceScheduler:
         cleanup = [d.path for d in rank_desc if isinstance(d, HostShmDescriptor)]
         gens = None
         if not staged:  # in place: importers check our blocks' generations
-            engine = self._name.rsplit("/", 1)[-1]
-            path = os.path.join(_shm_dir(), f"kvmkt-{os.getuid()}-{engine}-{os.getpid()}-gen")
+            # Unique per incarnation: importers cache tables by path, and a file left by a
+            # crashed engine must not collide with a new one.
+            path = os.path.join(
+                _shm_dir(), f"kvmkt-{os.getuid()}-{os.getpid()}-{secrets.token_hex(8)}-gen")
             gens = GenerationTable.create(path, self._num_blocks)
             cleanup.append(path)
         descriptor = HolderDescriptor(
@@ -216,8 +219,10 @@ class MarketplaceScheduler:
         for req in scheduler_output.scheduled_new_reqs:
             trace(logger, req.req_id, f"scheduled {req.num_computed_tokens}")
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
+        step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
         return MarketplaceConnectorMetadata(
-            loads=self._planner.take_jobs(), saves=saves, idle_step=not self._step_runs
+            loads=self._planner.take_jobs(), saves=saves, idle_step=not self._step_runs,
+            step=step, ack=ack,
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
@@ -236,6 +241,8 @@ class MarketplaceScheduler:
                     self._load_reports[job_id] = (seen, bad)
         self._planner.on_jobs_done(over[False])
         self._planner.on_jobs_done(over[True], failed=True)
+        if self._ledger is not None and meta.acked_step >= 0:
+            self._ledger.on_step_acked(meta.acked_step)
         if self._ledger is not None:
             self._ledger.on_saves_done(self._complete(meta.saves_done))
             self._ledger.on_saves_done(self._complete(meta.saves_failed), failed=True)
@@ -271,7 +278,7 @@ class MarketplaceScheduler:
                 logger.info("kvmkt: holder pages unreachable: %s", e)
                 return None
             while len(self._tables) >= _MAX_MAPPED_TABLES:  # e.g. tables of dead holders
-                self._tables.pop(next(iter(self._tables))).close()
+                self._tables.pop(next(iter(self._tables)))  # unmapped once unreferenced
             self._tables[table.path] = table
         return table.unchanged_prefix(locations)
 

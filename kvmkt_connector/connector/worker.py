@@ -191,6 +191,8 @@ class MarketplaceWorker:
 
     def run_jobs(self, meta: MarketplaceConnectorMetadata) -> None:
         self._idle_step = meta.idle_step and bool(meta.loads)
+        if meta.ack:  # this step's output then carries worker metadata, so vLLM hands it on
+            self._done.acked_step = meta.step
         for save in meta.saves:
             self._save(save)
         for job in meta.loads:  # issued after the saves: they may read blocks a load writes

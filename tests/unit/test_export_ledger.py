@@ -17,7 +17,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.request import Request, RequestStatus
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.exporter import ExportLedger
+from kvmkt_connector.connector.exporter import ExportLedger, rewritten_blocks
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.hashing import BlockKeyer, KeyScope
 from kvmkt_connector.metrics import MarketplaceStats
@@ -75,11 +75,19 @@ def _ledger(sock, pool, staged=None, tmp=None):
     return ExportLedger(cfg, BS, channel, MarketplaceStats(), pool, staged, gens), channel
 
 
+_IDLE = SimpleNamespace(
+    scheduled_new_reqs=[],
+    scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[], num_computed_tokens=[],
+                                          resumed_req_ids=set()))
+
+
 def _settle(ledger, until, timeout=5.0):
+    """Run empty steps (each acknowledged by the "workers") until ``until()``."""
     deadline = time.monotonic() + timeout
     while not until():
         assert time.monotonic() < deadline
-        ledger.tick()
+        ledger.tick(_IDLE)
+        ledger.on_step_acked(ledger.step)
         time.sleep(0.02)
 
 
@@ -105,17 +113,50 @@ def test_in_place_export_holds_no_blocks_and_rewrites_withdraw(registry, tmp_pat
         grant = q.lease(NS, keys, ttl_ms=60_000)
         assert reader.unchanged_prefix(grant.locations) == 40
         # vLLM gives blocks 10.. of the prefix to a new request: a step will write them
-        out = SimpleNamespace(
-            scheduled_new_reqs=[SimpleNamespace(block_ids=([b.block_id for b in blocks[10:]],),
-                                                num_computed_tokens=0)],
-            scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
-                                                  num_computed_tokens=[], resumed_req_ids=set()))
-        ledger.tick(out)
+        ledger.tick(_new_req_output([b.block_id for b in blocks[10:]]))
         # an importer holding the lease now sees the rewrite (even though it leased first)
         assert reader.unchanged_prefix(grant.locations) == 10
         _settle(ledger, lambda: q.lookup(NS, keys)[1] == 10)  # withdrawn from the registry
     reader.close()
     ledger.shutdown()
+
+
+def _new_req_output(blocks, computed_tokens=0):
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(block_ids=(blocks,), num_computed_tokens=computed_tokens)],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], new_block_ids=[],
+                                              num_computed_tokens=[], resumed_req_ids=set()))
+
+
+def test_in_place_pages_wait_for_the_steps_in_flight_at_finish(registry, tmp_path):
+    """An aborted request may hold prefix hits on blocks another request's chunk, still in
+    flight, is writing: nothing is published before the workers acknowledged a step
+    scheduled after the finish, and a block rewritten meanwhile is never published."""
+    pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
+    ledger.tick(_IDLE)  # step 1 is in flight when the request finishes
+    keys, blocks = _export(ledger, pool, "r1", 8, seed=9, status=RequestStatus.FINISHED_ABORTED)
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        ledger.on_step_acked(1)  # step 1 ends: not enough, step 2 was not scheduled yet
+        ledger.tick(_new_req_output([b.block_id for b in blocks[6:8]]))  # step 2 rewrites 6, 7
+        time.sleep(0.3)
+        assert q.lookup(NS, keys)[1] == 0
+        assert ledger.wants_ack()
+        ledger.on_step_acked(2)
+        _settle(ledger, lambda: q.lookup(NS, keys)[1] == 6)  # blocks 0..5 only
+        time.sleep(0.2)
+        assert q.status().published_blocks == 6
+    ledger.shutdown()
+
+
+def test_rewritten_blocks_skips_only_prefix_hits():
+    out = SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(block_ids=([1, 2, 3, 4],), num_computed_tokens=2 * BS + 3)],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=["run", "resumed"], new_block_ids=[([7],), ([8, 9, 10],)],
+            num_computed_tokens=[100, BS], resumed_req_ids={"resumed"}),
+        new_block_ids_to_zero=[11])
+    assert sorted(rewritten_blocks(out, BS)) == [3, 4, 7, 9, 10, 11]
 
 
 def test_prefix_cache_reset_withdraws_everything(registry, tmp_path):
@@ -146,7 +187,7 @@ def test_a_restarted_registry_gets_every_export_again(registry, tmp_path):
     _start_registry(registry)
     deadline = time.monotonic() + 10
     while True:
-        ledger.tick()
+        ledger.tick(_IDLE)
         try:
             with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
                 if q.lookup(NS, keys)[1] == 12:
