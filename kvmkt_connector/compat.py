@@ -13,6 +13,7 @@ through vLLM's handshake metadata.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -45,6 +46,7 @@ class CompatFingerprint(msgspec.Struct, frozen=True):
     model: str
     model_revision: str | None
     model_files: str  # digest of config/weight file names, sizes and mtimes (local paths)
+    weights: str  # "checkpoint", or "dummy" (vLLM's load_format=dummy: random weights)
     hf_config: str  # digest of the effective HF config (overrides, rope scaling included)
     architecture: str
     dtype: str
@@ -119,9 +121,17 @@ def _normalize_path(name: str | None) -> str | None:
     return os.path.realpath(name) if name and os.path.isdir(name) else name
 
 
+# Config fields that name or describe a checkpoint without changing any KV byte: the same
+# model at "/models/x", "/models/x/" or through a symlink must share.
+_HF_CONFIG_IDENTITY_ONLY = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
 def _hf_config_digest(hf_config: Any) -> str:
     try:
-        blob = hf_config.to_json_string(use_diff=False)
+        config = json.loads(hf_config.to_json_string(use_diff=False))
+        for key in _HF_CONFIG_IDENTITY_ONLY:
+            config.pop(key, None)
+        blob = json.dumps(config, sort_keys=True)
     except Exception:  # not a transformers config: fall back to its repr
         blob = repr(hf_config)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -140,6 +150,7 @@ def fingerprint_from_vllm_config(vllm_config: Any) -> CompatFingerprint:
         model=model,
         model_revision=mc.revision,
         model_files=_model_files_digest(mc.model),
+        weights="dummy" if str(vllm_config.load_config.load_format) == "dummy" else "checkpoint",
         hf_config=_hf_config_digest(mc.hf_config),
         architecture=str(getattr(mc, "architecture", None) or mc.hf_config.architectures[0]),
         dtype=str(mc.dtype).removeprefix("torch."),

@@ -1,5 +1,7 @@
 """Compatibility fingerprint: any differing field means a different namespace, and is named."""
 
+import os
+
 import msgspec
 import pytest
 
@@ -13,7 +15,7 @@ from kvmkt_connector.compat import (
 LAYOUT = KVLayoutSpec("FLASH_ATTN", "NHD", "bfloat16", 32, 65536, 1, 1)
 BASE = CompatFingerprint(
     page_format=1, key_scheme="sha256-prefix-v1", vllm_version="0.26.0", model="/m/llama",
-    model_revision=None, model_files="abc", hf_config="def", architecture="LlamaForCausalLM",
+    model_revision=None, model_files="abc", weights="checkpoint", hf_config="def", architecture="LlamaForCausalLM",
     dtype="bfloat16", kv_cache_dtype="auto", calculate_kv_scales=False, quantization=None,
     tokenizer="/m/llama", tokenizer_revision=None, block_size=16, num_layers=32,
     num_kv_heads=8, head_size=128, tp_size=1, pp_size=1, dcp_size=1, kv_layout=LAYOUT,
@@ -80,3 +82,22 @@ def test_from_real_vllm_configs(tmp_path):
     assert {"model", "model_files", "tokenizer"} <= {d[0] for d in base.differences(_engine_fp(m2))}
     rope = _engine_fp(m1, hf_overrides={"rope_theta": 5000.0})
     assert [d[0] for d in base.differences(rope)] == ["hf_config"]
+    dummy = _engine_fp(m1, load_format="dummy")  # random weights: never KV of real ones
+    assert [d[0] for d in base.differences(dummy)] == ["weights"]
+
+
+def test_the_same_model_by_another_path_shares(tmp_path):
+    """A trailing slash, a symlink or a relative path name the same model: one namespace."""
+    from kvmkt_connector.demo.tiny_model import write_tiny_llama
+
+    m1 = write_tiny_llama(str(tmp_path / "m1"), seed=1)
+    os.symlink(m1, tmp_path / "link")
+    base = _engine_fp(m1)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        relative = _engine_fp("m1")
+    finally:
+        os.chdir(cwd)
+    for other in (_engine_fp(m1 + "/"), _engine_fp(tmp_path / "link"), relative):
+        assert base.digest() == other.digest(), base.describe_differences(other)
