@@ -55,6 +55,13 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
         if bad:
             raise ValueError(f"invalid kv_connector_extra_config value for {', '.join(bad)}")
 
+    def retry_delay(self, failed_after_s: float) -> float:
+        """Wait before the next registry attempt: a moment if the failed one took no time
+        (nothing listens: a restarted registry is used at once), else ``registry_retry_s``
+        (a registry that answers slowly must not cost a timeout per request)."""
+        fast = failed_after_s < min(0.05, self.registry_timeout_ms / 2000)
+        return min(0.2, self.registry_retry_s) if fast else self.registry_retry_s
+
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> MarketplaceConfig:
         try:

@@ -81,10 +81,10 @@ class Cluster:
         out = os.environ.get("OUT")  # on the GPU host: keep the engine logs
         if out:
             os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-            for name in self.engines:
-                src = os.path.join(self.workdir, f"engine-{name}.log")
+            for name in [*(f"engine-{n}" for n in self.engines), "registry"]:
+                src = os.path.join(self.workdir, f"{name}.log")
                 if os.path.exists(src):
-                    shutil.copy(src, os.path.join(out, "logs", f"engine-{name}.log"))
+                    shutil.copy(src, os.path.join(out, "logs", f"{name}.log"))
         self.registry.terminate()
         self.registry.wait(10)
 

@@ -22,7 +22,7 @@ old use of a block or slot are never taken for its current one.
 
 A copy whose tag changed is reported failed and recomputed, so the registry only steers
 importers: losing it, or a lease running out, cannot make anyone read a wrong page. After
-the holder re-registers (registry restart) everything still offered is published again.
+the holder re-registers (registry restart) the channel publishes everything offered again.
 
 Registry traffic goes through ``HolderChannel`` (a background thread): publishing never
 delays a request; what the registry answers is applied once per scheduler step in ``tick``.
@@ -30,6 +30,7 @@ delays a request; what the registry answers is applied once per scheduler step i
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,29 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
+
+
+def _nothing() -> None:
+    return None
+
+
+class ResetWatch:
+    """Notices vLLM prefix-cache resets from any thread: ``BlockPool.reset_prefix_cache``
+    replaces the pool's hash map. ``epoch`` counts the resets seen."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self._pool = pool
+        self._seen = pool.cached_block_hash_to_block
+        self._lock = threading.Lock()
+        self.epoch = 0
+
+    def check(self) -> int:
+        with self._lock:
+            current = self._pool.cached_block_hash_to_block
+            if current is not self._seen:
+                self._seen = current
+                self.epoch += 1
+            return self.epoch
 
 
 def rewritten_blocks(out: SchedulerOutput, block_size: int) -> list[int]:
@@ -103,7 +127,9 @@ class ExportLedger:
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
         self._pending_jobs: list[SaveJob] = []
         self._generation = channel.generation
-        self._prefix_cache = pool.cached_block_hash_to_block  # replaced by a reset
+        self._resets = ResetWatch(pool)
+        self._epoch = 0  # resets seen by this ledger; exports are stamped with it
+        channel.watch_resets(self._resets.check, self._gens.bump_all if self._gens else _nothing)
         self._next_job = 0
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)
@@ -180,7 +206,7 @@ class ExportLedger:
                     keys.append(k)
                     locations.append(loc)
         if keys:
-            self._channel.publish(keys, locations)
+            self._channel.publish(keys, locations, self._epoch)
 
     def take_jobs(self) -> list[SaveJob]:
         jobs, self._pending_jobs = self._pending_jobs, []
@@ -195,7 +221,7 @@ class ExportLedger:
             if failed or job_id in self._cancelled:
                 self._forget(slots)
             else:
-                self._channel.publish(keys, [self._listed[s][1] for s in slots])
+                self._channel.publish(keys, [self._listed[s][1] for s in slots], self._epoch)
             self._cancelled.discard(job_id)
         self._update_gauges()
 
@@ -243,47 +269,38 @@ class ExportLedger:
         if scheduler_output is not None:
             self.step += 1
             self.on_blocks_rewritten(rewritten_blocks(scheduler_output, self._bs))
-        if self._pool.cached_block_hash_to_block is not self._prefix_cache:
-            self._prefix_cache = self._pool.cached_block_hash_to_block
+        epoch = self._resets.check()
+        if epoch != self._epoch:  # the channel withdraws from the registry by itself
+            self._epoch = epoch
             logger.info("kvmkt: prefix cache was reset: withdrawing %d exported pages",
                         len(self._listed))
-            self.withdraw_all()
-        if self._channel.generation != self._generation:
-            self._generation = self._channel.generation
-            self._republish()
+            self.withdraw_all(unpublish=False)
+        self._generation = self._channel.generation  # (the channel republishes by itself)
         self._publish_settled()
         for event in self._channel.take_events():
             if event.kind == "published":
                 self._stats.count("exported_blocks", len(event.locations))
             elif event.kind == "released" and event.generation == self._generation:
                 self._released(event.locations)
-            # publish_failed / publish_unknown: the channel re-registers, then we republish
         self._update_gauges()
 
     def _staging_slots(self) -> set[int]:
         return {s for _, slots in self._staging.values() for s in slots}
 
-    def _republish(self) -> None:
-        """A new registration (e.g. the registry restarted): offer everything again."""
-        unsettled = self._staging_slots() | {b for w in self._waiting for b in w[2]}
-        items = [(k, loc) for i, (k, loc) in self._listed.items() if i not in unsettled]
-        if items:
-            logger.info("kvmkt: registered again: republishing %d pages", len(items))
-            self._channel.publish([k for k, _ in items], [loc for _, loc in items])
-
     def _update_gauges(self) -> None:
         self._stats.gauge("exported_pages", len(self._listed))
 
-    def withdraw_all(self) -> None:
+    def withdraw_all(self, unpublish: bool = True) -> None:
         """Nothing published so far may be read any more (a cache reset)."""
         if self._gens is not None:
             self._gens.bump_all()  # copies in flight fail their check
         self._cancelled.update(self._staging)
+        self._waiting.clear()
         staging = self._staging_slots()
         listed = [i for i in self._listed if i not in staging]
         locations = [self._listed[i][1] for i in listed]
         self._forget(listed)
-        if locations:
+        if locations and unpublish:
             self._channel.unpublish(locations)
         self._update_gauges()
 

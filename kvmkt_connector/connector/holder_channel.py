@@ -8,8 +8,10 @@ came back (locations the registry released, publishes that failed). Nothing the 
 does waits for it.
 
 The thread also syncs released locations periodically, and re-registers after losing the
-registry (``generation`` counts registrations; the exporter then publishes again what it
-still offers).
+registry (a restarted one, or one it starts itself). It keeps the set of entries it has
+offered (every publish, unpublish and release passes through it, in order), so right after
+registering again it publishes them all: an idle exporter, whose scheduler does not step,
+is found again within a second of the registry's return.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmkt_connector.config import MarketplaceConfig
@@ -40,7 +43,7 @@ class HolderRegistration:
 class ChannelEvent:
     """Something the scheduler must apply to its export ledger."""
 
-    kind: str  # released | published | publish_failed | publish_unknown | publish_stale
+    kind: str  # released | published
     locations: list[int]
     generation: int
 
@@ -58,13 +61,24 @@ class HolderChannel:
         self.holder_id: int | None = None
         self.holder_bit: int | None = None
         self.connected = False
+        self._offered: dict[int, bytes] = {}  # location -> key (channel thread only)
+        # Cache resets (see exporter.ResetWatch): checked here too, so an exporter whose
+        # scheduler does not step after a reset still withdraws at once.
+        self._reset_epoch: Callable[[], int] = lambda: 0
+        self._on_reset: Callable[[], None] = lambda: None
+        self._epoch = 0
         self._thread = threading.Thread(target=self._run, name="kvmkt-holder", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ scheduler thread
 
-    def publish(self, keys: list[bytes], locations: list[int]) -> None:
-        self._ops.put(("publish", keys, locations, self.generation))
+    def watch_resets(self, epoch: Callable[[], int], on_reset: Callable[[], None]) -> None:
+        """``epoch()`` counts cache resets (thread-safe); ``on_reset`` runs once per reset."""
+        self._reset_epoch, self._on_reset = epoch, on_reset
+
+    def publish(self, keys: list[bytes], locations: list[int], epoch: int = 0) -> None:
+        """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped)."""
+        self._ops.put(("publish", keys, locations, epoch))
 
     def reclaim(self, count: int) -> None:
         self._ops.put(("reclaim", count))
@@ -97,6 +111,7 @@ class HolderChannel:
                 op = None
             if op is not None and op[0] == "stop":
                 break
+            self._check_reset()
             client = self._connected()
             if client is None:
                 self._not_done(op)
@@ -118,37 +133,60 @@ class HolderChannel:
                     self._drop()
         self._drop()
 
+    def _check_reset(self) -> None:
+        epoch = self._reset_epoch()
+        if epoch == self._epoch:
+            return
+        self._epoch = epoch
+        self._on_reset()
+        if self._offered:  # nothing offered before the reset may be found any more
+            self._ops.put(("unpublish", list(self._offered)))
+            self._offered.clear()
+
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
-            _, keys, locations, generation = op
-            if generation != self.generation:  # queued before a re-registration
-                self._emit("publish_stale", locations, generation)
+            _, keys, locations, epoch = op
+            if epoch != self._epoch:  # pages from before a cache reset
                 return
+            self._offered.update(zip(locations, keys, strict=True))
             released = client.publish(keys, locations)
             self._emit("published", locations)
             self._emit("released", released)
         elif op[0] == "reclaim":
             self._emit("released", client.reclaim(op[1]))
         elif op[0] == "unpublish":
-            released, _ = client.unpublish(op[1])  # leased ones come back through sync
+            for loc in op[1]:
+                self._offered.pop(loc, None)
+            released, pending = client.unpublish(op[1])  # leased ones come back via sync
             self._emit("released", released)
+            if len(op[1]) > 64:  # resets and large withdrawals: worth a line
+                logger.info("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)
 
     def _not_done(self, op: tuple | None, unknown: bool = False) -> None:
-        """``op`` did not (certainly) happen. Nothing to undo: pages are checked by their tag
-        when copied, and after re-registering the ledger publishes again what it offers."""
-        if op is not None and op[0] == "publish":
-            self._emit("publish_unknown" if unknown else "publish_failed", op[2], op[3])
+        """``op`` did not (certainly) happen: remember what it meant to offer, so the next
+        registration publishes it. Nothing else to undo: pages are checked by their tag."""
+        if op is None:
+            return
+        if op[0] == "publish" and op[3] == self._epoch:
+            self._offered.update(zip(op[2], op[1], strict=True))
+        elif op[0] == "unpublish":
+            for loc in op[1]:
+                self._offered.pop(loc, None)
 
-    def _emit(self, kind: str, locations: list[int], generation: int | None = None) -> None:
-        """Events carry the registration they are about (a publish: the one it was queued
-        under), so the ledger never applies an old registration's news to a new one."""
-        if locations:
-            gen = self.generation if generation is None else generation
-            self._events.put(ChannelEvent(kind, list(locations), gen))
+    def _emit(self, kind: str, locations: list[int]) -> None:
+        """Events carry the registration they are about, so the ledger never applies an
+        old registration's news to a new one."""
+        if not locations:
+            return
+        if kind == "released":
+            for loc in locations:
+                self._offered.pop(loc, None)
+        self._events.put(ChannelEvent(kind, list(locations), self.generation))
 
     def _connected(self) -> RegistryClient | None:
         if self._client is not None:
             return self._client
+        t0 = time.monotonic()
         try:
             client = RegistryClient.connect(
                 self._cfg.registry_socket, client_name=self._client_name,
@@ -160,15 +198,26 @@ class HolderChannel:
                 r.namespace, r.name, r.fingerprint, r.descriptor, r.cleanup_paths
             )
         except Exception as e:
+            delay = self._cfg.retry_delay(time.monotonic() - t0)
             if self.connected or self.generation == 0:
-                logger.warning("kvmkt: cannot register as holder (%s); retrying in %.0f s",
-                               e, self._cfg.registry_retry_s)
+                logger.warning("kvmkt: cannot register as holder (%s); retrying in %.1f s",
+                               e, delay)
             self.connected = False
-            self._stop.wait(self._cfg.registry_retry_s)
+            self._stop.wait(delay)
             return None
-        self._client = client
         self.holder_id, self.holder_bit = accepted.holder_id, accepted.holder_bit
         self.generation += 1
+        if self._offered:
+            try:
+                locations = list(self._offered)
+                client.publish([self._offered[loc] for loc in locations], locations)
+            except Exception as e:  # try the whole registration again later
+                logger.warning("kvmkt: registry lost while publishing again: %s", e)
+                with contextlib.suppress(Exception):
+                    client.close()
+                return None
+            logger.info("kvmkt: published %d offered pages again", len(locations))
+        self._client = client
         self.connected = True
         logger.info("kvmkt: registered with the registry as holder %d (%s)", accepted.holder_id, r.name)
         return client

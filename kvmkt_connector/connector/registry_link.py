@@ -1,9 +1,11 @@
 """The scheduler's importing connection to the node-local registry (hint, lease, release).
 
 The registry is an optimisation, never a dependency: when it cannot be reached every call
-here returns ``None`` (the caller falls back to normal prefill), and the link stays away for
-``registry_retry_s`` before trying again, so a dead registry costs one timeout per retry
-period, not one per request. Exporting goes through ``HolderChannel`` (its own connection,
+here returns ``None`` (the caller falls back to normal prefill). Where no registry listens
+a connect fails at once, so the link tries again a moment later (a restarted registry is
+used within a fraction of a second); only a registry that answers slowly (a timeout) makes it stay
+away for ``registry_retry_s``, so a hung registry costs one timeout per period, not one per
+request. Exporting goes through ``HolderChannel`` (its own connection,
 on a background thread); lookups here skip that holder, i.e. this instance itself.
 """
 
@@ -31,6 +33,7 @@ class RegistryLink:
         self._stats = stats
         self._client: RegistryClient | None = None
         self._retry_at = 0.0
+        self._down_since: float | None = None
         # Bumped per connection: lease ids mean something only to the registry that
         # granted them (a restarted one numbers leases anew).
         self.epoch = 0
@@ -50,6 +53,7 @@ class RegistryLink:
         now = time.monotonic()
         if now < self._retry_at:
             return None
+        t0 = time.monotonic()
         try:
             # No auto-start here: this runs on the scheduler's thread, and starting a registry
             # can take seconds. The exporter's background channel starts one when needed.
@@ -62,33 +66,45 @@ class RegistryLink:
             self._client = client
             self.epoch += 1
         except Exception as e:  # unreachable, refused, unsafe socket dir: never fatal
-            self._down(f"cannot use the registry: {e}")
+            self._down(f"cannot use the registry: {e}", time.monotonic() - t0)
             return None
+        if self._down_since is not None:
+            logger.info("kvmkt: registry reachable again after %.1f s",
+                        time.monotonic() - self._down_since)
+            self._down_since = None
         return self._client
 
-    def _down(self, why: str) -> None:
+    def _down(self, why: str, failed_after_s: float = 0.0) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
                 self._client.close()
         self._client = None
-        self._retry_at = time.monotonic() + self._cfg.registry_retry_s
-        logger.warning(
-            "kvmkt: %s; sharing is off for %.0f s (requests prefill normally)",
-            why, self._cfg.registry_retry_s,
-        )
+        delay = self._cfg.retry_delay(failed_after_s)
+        self._retry_at = time.monotonic() + delay
+        if self._down_since is None:  # say it once per outage
+            self._down_since = time.monotonic()
+            logger.warning("kvmkt: %s; requests prefill normally until it is back "
+                           "(next try in %.1f s)", why, delay)
 
     def call(self, fn: Callable[[RegistryClient], T]) -> T | None:
-        """``fn(client)``, or None if the registry is unreachable or refuses."""
-        client = self._connected()
-        if client is None:
-            self._stats.count("fallback_registry_unavailable")
-            return None
-        try:
-            return fn(client)
-        except RegistryUnavailable as e:
-            self._down(f"lost the registry: {e}")
-        except RegistryError as e:
-            logger.warning("kvmkt: registry refused a request: %s", e)
+        """``fn(client)``, or None if the registry is unreachable or refuses. A connection
+        found broken is replaced once at once: after a registry restart the first request
+        already reaches the new one."""
+        for attempt in (0, 1):
+            client = self._connected()
+            if client is None:
+                break
+            t0 = time.monotonic()
+            try:
+                return fn(client)
+            except RegistryUnavailable as e:
+                self._down(f"lost the registry: {e}", time.monotonic() - t0)
+                if attempt == 0:
+                    self._retry_at = 0.0
+                    continue
+            except RegistryError as e:
+                logger.warning("kvmkt: registry refused a request: %s", e)
+            break
         self._stats.count("fallback_registry_unavailable")
         return None
 

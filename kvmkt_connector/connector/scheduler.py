@@ -32,6 +32,7 @@ from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.paths import holder_file
 from kvmkt_connector.transport.descriptors import (
     CudaIpcDescriptor,
     GenerationsDescriptor,
@@ -146,8 +147,7 @@ class MarketplaceScheduler:
         if not staged:  # in place: importers check our blocks' generations
             # Unique per incarnation: importers cache tables by path, and a file left by a
             # crashed engine must not collide with a new one.
-            path = os.path.join(
-                _shm_dir(), f"kvmkt-{os.getuid()}-{os.getpid()}-{secrets.token_hex(8)}-gen")
+            path = holder_file(_shm_dir(), os.getpid(), f"{secrets.token_hex(8)}-gen")
             gens = GenerationTable.create(path, self._num_blocks)
             cleanup.append(path)
         descriptor = HolderDescriptor(

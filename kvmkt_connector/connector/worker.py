@@ -26,6 +26,7 @@ from kvmkt_connector.connector.metadata import (
 )
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.paths import holder_file
 from kvmkt_connector.transport.descriptors import RankDescriptor, TransferError
 from kvmkt_connector.transport.host_shm import (
     HostPageRegion,
@@ -152,7 +153,7 @@ class MarketplaceWorker:
             logger.warning("kvmkt: no room for an export region in %s: not exporting", folder)
             return
         engine = self._vllm_config.kv_transfer_config.engine_id
-        path = os.path.join(folder, f"kvmkt-{os.getuid()}-{engine[:16]}-{os.getpid()}-r{self._rank}")
+        path = holder_file(folder, os.getpid(), f"{engine[:16]}-r{self._rank}")
         self._region = HostPageRegion.create(path, slots, layout.segment_bytes)
         self._exporter = HostShmExporter(layout, self._region)
         self._export_desc = self._region.descriptor

@@ -10,6 +10,7 @@ import os
 import time
 from collections.abc import Callable
 
+from . import paths
 from .index import PrefixRegistry
 from .protocol import (
     PROTOCOL_VERSION,
@@ -98,8 +99,11 @@ class RequestDispatcher:
             raise RequestRejected("bad_request", "this connection already is a holder")
         if req.pid <= 0:
             raise RequestRejected("bad_request", f"bad pid {req.pid}")
-        if any(not os.path.isabs(p) for p in req.cleanup_paths):
-            raise RequestRejected("bad_request", "cleanup_paths must be absolute")
+        bad = [p for p in req.cleanup_paths if not paths.is_holder_file(p)]
+        if bad:
+            # The registry unlinks these when the holder dies: only holder files
+            # (paths.holder_file), never anything else.
+            raise RequestRejected("bad_request", f"not a holder file: {bad[0]!r}")
         holder = self.registry.register_holder(
             namespace=req.namespace, name=req.name, pid=req.pid, fingerprint=req.fingerprint,
             descriptor=req.descriptor, cleanup_paths=req.cleanup_paths,

@@ -42,14 +42,16 @@ def frame_length(header: bytes | bytearray | memoryview) -> int:
 def decode_request(payload: bytes) -> Request:
     try:
         return _REQUEST_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+    # ValidationError is a DecodeError; a str field of invalid UTF-8 raises
+    # UnicodeDecodeError (a ValueError) instead: every one is a bad frame, never a crash.
+    except (msgspec.DecodeError, ValueError) as exc:
         raise FrameError(f"undecodable request: {exc}") from exc
 
 
 def decode_reply(payload: bytes) -> Reply:
     try:
         return _REPLY_DECODER.decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError) as exc:
         raise FrameError(f"undecodable reply: {exc}") from exc
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 
 SOCKET_ENV = "KVMKT_REGISTRY_SOCKET"
 SOCKET_NAME = "registry.sock"
@@ -107,3 +108,45 @@ def unlink_owned_file(path: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def holder_file(directory: str, pid: int, tag: str) -> str:
+    """Path of a shared-memory file a holder process creates (export region, generation
+    table). The name carries the pid, so a registry can remove a dead process's files even
+    after the registry that knew them died too (``stale_holder_files``)."""
+    return os.path.join(directory, f"kvmkt-{os.getuid()}-holder-{pid}-{tag}")
+
+
+def is_holder_file(path: str) -> bool:
+    """Whether ``path`` names a holder file of this user (no other path is ever unlinked
+    on a holder's behalf). The pid in the name is the creating process's (a worker of the
+    holder's engine), used by ``stale_holder_files``."""
+    directory, name = os.path.split(path)
+    return (
+        os.path.isabs(path)
+        and os.path.normpath(path) == path
+        and directory in holder_file_dirs()
+        and name.startswith(f"kvmkt-{os.getuid()}-holder-")
+    )
+
+
+def holder_file_dirs() -> list[str]:
+    return [d for d in (SHM_DIR, "/tmp") if os.path.isdir(d)]
+
+
+def stale_holder_files(pid_alive: Callable[[int], bool]) -> list[str]:
+    """Holder files of this user whose process is gone."""
+    prefix = f"kvmkt-{os.getuid()}-holder-"
+    stale = []
+    for directory in holder_file_dirs():
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
+                stale.append(os.path.join(directory, name))
+    return stale

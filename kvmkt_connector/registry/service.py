@@ -107,6 +107,10 @@ class RegistryServer:
         listener.setblocking(False)
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ, None)
+        # Files of holders that died while no registry (or a crashed one) watched them.
+        removed = [p for p in paths.stale_holder_files(pid_alive) if paths.unlink_owned_file(p)]
+        if removed:
+            log.info("removed %d files of dead holders: %s", len(removed), ", ".join(removed))
         if self.metrics_port is not None:
             from .metrics import start_metrics_server
 
@@ -242,7 +246,13 @@ class RegistryServer:
             except FrameError as exc:
                 self._fail(conn, "bad_frame", str(exc))
                 return
-            self._send(conn, self._dispatcher.handle(conn, request))
+            try:
+                reply = self._dispatcher.handle(conn, request)
+            except Exception as exc:  # a request we did not foresee: that client goes
+                log.exception("request %s failed", type(request).__name__)
+                self._fail(conn, "bad_request", f"{type(exc).__name__}: {exc}")
+                return
+            self._send(conn, reply)
             if conn.closing:
                 break
         self._flush(conn)

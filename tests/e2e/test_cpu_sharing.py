@@ -45,6 +45,7 @@ FIRST = fresh(200)  # B's very first request: it meets A and imports at once
 FAILING = [fresh(160 + 16 * i) for i in range(8)]  # prefixes P for the reported failures
 RESET = [fresh(300) for _ in range(3)]  # exported by A, then A's cache is reset
 AFTER_FAIL = fresh(240)  # imported by B right after the reported failures
+REGKILL = fresh(320)  # exported by A (after its cache reset) before the registry dies
 
 
 def exported_blocks(prompt: list[int]) -> int:
@@ -235,6 +236,36 @@ def test_reset_with_requests_in_flight_withdraws_exports(engines, cluster):
     ref = one_by_one(r, prompts)
     assert [g.imported_tokens for g in got] == [0] * len(prompts)
     assert [g.token_ids for g in got] == [w.token_ids for w in ref]
+
+
+def test_registry_sigkilled_sharing_resumes_with_earlier_exports(engines, cluster):
+    """The node's registry dies: an exporter starts a new one (auto-start), registers again
+    and republishes what it still offers; B's lookups reconnect at once; B then imports a
+    prefix A exported before the kill."""
+    a, b, r = engines["A"], engines["B"], engines["R"]
+    with cluster.client() as reg:
+        before = reg.status().published_blocks
+    a.generate([REGKILL], max_tokens=A_OUT)
+    listed = cluster.wait_published(before + exported_blocks(REGKILL))
+    cluster.registry.kill()
+    cluster.registry.wait(10)
+    t0 = time.monotonic()
+    while True:  # every holder publishes all it offered again: the count comes back whole
+        try:
+            with cluster.client() as reg:
+                if reg.status().published_blocks >= listed:
+                    break
+        except Exception:
+            pass  # not listening yet
+        assert time.monotonic() - t0 < 20, "exports did not come back after the registry died"
+        time.sleep(0.1)
+    back_after = time.monotonic() - t0
+    prompt = REGKILL + fresh(20)
+    (got,) = one_by_one(b, [prompt])
+    (ref,) = one_by_one(r, [prompt])
+    assert got.imported_tokens == (len(REGKILL) // BS) * BS, f"back after {back_after:.1f} s"
+    assert got.token_ids == ref.token_ids
+    assert back_after < 5.0
 
 
 def test_exporter_killed_before_import(engines, cluster):

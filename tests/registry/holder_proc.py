@@ -21,7 +21,7 @@ def main() -> None:
     client = RegistryClient.connect(spec["socket"], client_name=spec["name"], autostart=False)
     accepted = client.register_holder(
         bytes.fromhex(spec["namespace"]), spec["name"], b"fingerprint", b"descriptor",
-        spec["cleanup_paths"],
+        [p.replace("{pid}", str(os.getpid())) for p in spec["cleanup_paths"]],
     )  # fmt: skip
     keys = [bytes.fromhex(k) for k in spec["keys"]]
     client.publish(keys, list(range(len(keys))))

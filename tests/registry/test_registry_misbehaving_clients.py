@@ -12,6 +12,7 @@ from registry_helpers import chain, namespace
 
 from kvmkt_connector.registry.client import RegistryError
 from kvmkt_connector.registry.framing import decode_reply, encode_frame, frame_length
+from kvmkt_connector.registry.paths import holder_file, holder_file_dirs
 from kvmkt_connector.registry.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -195,9 +196,16 @@ def test_nonsense_requests_get_bad_request(served) -> None:
         assert err.value.code == "bad_request"
     assert holder.publish([b"k" * 16], [1]) == []  # the connection is fine
     still_served()
-    with pytest.raises(RegistryError) as err:  # relative cleanup paths are refused
-        registry.connect("x").register_holder(NS, "x", b"", b"", cleanup_paths=["rel/path"])
-    assert err.value.code == "bad_request"
+    # The registry unlinks cleanup paths when a holder dies: only the holder's own files
+    # (kvmkt-<uid>-holder-<pid>-* in a holder-file directory) are accepted.
+    own = holder_file(holder_file_dirs()[0], os.getpid(), "ok")
+    for path in ("rel/path", "/etc/passwd", os.path.dirname(own) + "/../etc/passwd",
+                 os.path.join(os.path.dirname(own), "kvmkt-other-name"),
+                 holder_file("/var/tmp", os.getpid(), "elsewhere")):
+        with pytest.raises(RegistryError) as err:
+            registry.connect("x").register_holder(NS, "x", b"", b"", cleanup_paths=[path])
+        assert err.value.code == "bad_request"
+    assert registry.connect("y").register_holder(NS, "y", b"", b"", cleanup_paths=[own])
 
 
 def test_many_requests_in_one_write_are_answered_in_order(served) -> None:

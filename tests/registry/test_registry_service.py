@@ -10,6 +10,7 @@ import pytest
 from registry_helpers import chain, namespace, wait_until
 
 from kvmkt_connector.registry.client import RegistryClient, RegistryError
+from kvmkt_connector.registry.paths import holder_file, holder_file_dirs
 
 NS = namespace("service")
 OTHER_NS = namespace("other")
@@ -143,14 +144,15 @@ def test_capacity_bound_evicts_oldest_unleased(start_registry) -> None:
 
 def test_holder_death_is_noticed_within_two_seconds(registry, holders, socket_dir) -> None:
     full = chain(NS, BASE)
-    shm = os.path.join(socket_dir, "holder-a.pages")
+    shm_dir = holder_file_dirs()[0]
+    a = holders(registry.socket_path, NS, "A", full, cleanup_paths=[
+        holder_file(shm_dir, "{pid}", "a.pages"), holder_file(shm_dir, "{pid}", "link")])
+    shm, link = holder_file(shm_dir, a.pid, "a.pages"), holder_file(shm_dir, a.pid, "link")
     decoy = os.path.join(socket_dir, "not-ours")
-    link = os.path.join(socket_dir, "link-to-decoy")
     for path in (shm, decoy):
         with open(path, "wb") as f:
             f.write(b"x")
     os.symlink(decoy, link)
-    a = holders(registry.socket_path, NS, "A", full, cleanup_paths=[shm, link, socket_dir])
     q = registry.connect("q")
     assert q.lookup(NS, full) == (a.holder_id, 10)
     assert q.longest_run_hint(full) == 10
@@ -166,8 +168,9 @@ def test_holder_death_is_noticed_within_two_seconds(registry, holders, socket_di
     # Its files go once its process is certainly gone (the registry checks every 0.5 s).
     wait_until(lambda: not os.path.exists(shm), 2.0)
     assert time.monotonic() - killed_at < 2.5
-    # Only regular files: the symlink and the directory stay, the decoy too.
-    assert os.path.islink(link) and os.path.exists(decoy) and os.path.isdir(socket_dir)
+    # Only regular files: the symlink stays, the decoy too.
+    assert os.path.islink(link) and os.path.exists(decoy)
+    os.unlink(link)
     status = q.status()
     assert (status.holders, status.holders_lost, status.active_leases) == ([], 1, 0)
 
