@@ -56,10 +56,6 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 
-def _nothing() -> None:
-    return None
-
-
 class ResetWatch:
     """Notices vLLM prefix-cache resets from any thread: ``BlockPool.reset_prefix_cache``
     replaces the pool's hash map. ``epoch`` counts the resets seen."""
@@ -129,7 +125,7 @@ class ExportLedger:
         self._generation = channel.generation
         self._resets = ResetWatch(pool)
         self._epoch = 0  # resets seen by this ledger; exports are stamped with it
-        channel.watch_resets(self._resets.check, self._gens.bump_all if self._gens else _nothing)
+        channel.watch_resets(self._resets.check, self._gens.bump_all if self._gens else lambda: None)
         self._next_job = 0
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)

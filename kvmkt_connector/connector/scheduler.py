@@ -32,7 +32,7 @@ from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.registry.paths import holder_file
+from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import (
     CudaIpcDescriptor,
     GenerationsDescriptor,
@@ -53,10 +53,6 @@ logger = get_logger(__name__)
 _NEIGHBOUR_CHECK_S = 10.0
 _MAX_MAPPED_TABLES = 16  # holders' generation tables kept open by the import planner
 _TRANSPORT_OF = {"cuda_ipc": CudaIpcDescriptor, "host_shm": HostShmDescriptor}
-
-
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 
 
 def request_scope(request: Request) -> KeyScope | None:
@@ -112,6 +108,7 @@ class MarketplaceScheduler:
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
         self._step_runs = True  # the last scheduled step computes tokens
+        self._trace = os.environ.get("KVMKT_TRACE") == "1"
 
     # ------------------------------------------------------------ startup
 
@@ -147,7 +144,7 @@ class MarketplaceScheduler:
         if not staged:  # in place: importers check our blocks' generations
             # Unique per incarnation: importers cache tables by path, and a file left by a
             # crashed engine must not collide with a new one.
-            path = holder_file(_shm_dir(), os.getpid(), f"{secrets.token_hex(8)}-gen")
+            path = holder_file(holder_dir(), os.getpid(), f"{secrets.token_hex(8)}-gen")
             gens = GenerationTable.create(path, self._num_blocks)
             cleanup.append(path)
         descriptor = HolderDescriptor(
@@ -216,8 +213,9 @@ class MarketplaceScheduler:
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
-        for req in scheduler_output.scheduled_new_reqs:
-            trace(logger, req.req_id, f"scheduled {req.num_computed_tokens}")
+        if self._trace:  # not a loop over every step's requests unless asked for
+            for req in scheduler_output.scheduled_new_reqs:
+                trace(logger, req.req_id, f"scheduled {req.num_computed_tokens}")
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
         step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
         return MarketplaceConnectorMetadata(

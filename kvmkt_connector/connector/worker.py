@@ -26,7 +26,7 @@ from kvmkt_connector.connector.metadata import (
 )
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.registry.paths import holder_file
+from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import RankDescriptor, TransferError
 from kvmkt_connector.transport.host_shm import (
     HostPageRegion,
@@ -49,10 +49,6 @@ def _tp_rank() -> int:
         return get_tp_group().rank_in_group
     except AssertionError:  # no TP group (single process tests)
         return 0
-
-
-def _region_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 
 
 class MarketplaceWorker:
@@ -147,7 +143,7 @@ class MarketplaceWorker:
             self._open_export_region(layout)
 
     def _open_export_region(self, layout: KVPageLayout) -> None:
-        folder = _region_dir()
+        folder = holder_dir()
         slots = slots_for_budget(self._cfg.host_region_bytes, layout.segment_bytes, folder)
         if slots == 0:
             logger.warning("kvmkt: no room for an export region in %s: not exporting", folder)

@@ -110,6 +110,11 @@ def unlink_owned_file(path: str) -> bool:
     return True
 
 
+def holder_dir() -> str:
+    """Where holders create their shared-memory files: /dev/shm, else /tmp."""
+    return holder_file_dirs()[0]
+
+
 def holder_file(directory: str, pid: int, tag: str) -> str:
     """Path of a shared-memory file a holder process creates (export region, generation
     table). The name carries the pid, so a registry can remove a dead process's files even
