@@ -7,6 +7,8 @@
 #            bash .gpu-bundle/install-bundle.sh stash is expected to have run first
 #   install  assemble the vLLM bundle (second transfer) and install this project
 #   tests    tests/gpu (two engines on GPU0/GPU1, equivalence, negative control, kill)
+#   tests-shm  tests/gpu over transport host_shm (page-locked shared host memory)
+#   transport  benchmarks/transport_bench.py --sweep (kernel launch shapes, host_shm rows)
 #   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
 #   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
 #
@@ -51,6 +53,15 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       run tests python3 -m pytest -s -q -rfE -p no:cacheprovider --timeout 180 \
         tests/gpu tests/unit/test_native.py
       ;;
+    tests-shm)
+      # the same engines over page-locked shared host memory (GPUs without peer access)
+      df -h /dev/shm
+      run tests-shm env KVMKT_GPU_TRANSPORT=host_shm python3 -m pytest -s -q -rfE -p no:cacheprovider \
+        --timeout 180 tests/gpu
+      ;;
+    transport)
+      run transport python3 benchmarks/transport_bench.py --sweep
+      ;;
     demo)
       run demo python3 -m kvmkt_connector.demo --device cuda --llama8b-dummy \
         --prefix-tokens 16384 --questions 2 --workdir /tmp/kvmkt-demo
@@ -59,6 +70,9 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       ;;
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT"
+      if [ "${KVMKT_TRACE:-}" = 1 ]; then
+        run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
+      fi
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

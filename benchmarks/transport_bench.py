@@ -7,8 +7,11 @@ a 16k-token prefix is 32 x 1024 pages, 2 GiB) and exports it with kvmkt's cuda_i
 transport. An importer process on GPU1 imports ``--pages`` random, scattered source
 blocks into random, scattered destination blocks with ``CudaIpcImporter`` (the code the
 connector runs), checks every copied page against the exporter's checksums, and times:
-  kernel      the page-copy kernel on a prepared plan (CUDA events, median of reps)
-  load()      the whole import as the connector does it (plan with numpy + H2D + kernel)
+  kernel      the page-copy kernel on a prepared plan (CUDA events, median of reps; it
+              computes page addresses from block ids on the GPU)
+  page-address kernel  the same copy with every page address built on the host and sent
+              (the previous design, kept as a baseline)
+  load()      the whole import as the connector does it (plan + H2D of block ids + kernel)
   batch-memcpy  cuMemcpyBatchAsync over the same pages, lists built in Python (reference)
 beside a 1 GiB torch peer copy GPU0 -> GPU1 measured in the same process.
 A second importer sees only GPU1 (CUDA_VISIBLE_DEVICES=1) to show that IPC handles open
@@ -122,6 +125,8 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
         plan = imp.plan(desc, src, dst)
         timed(lambda: imp.execute(plan, desc.handles), 3)
         result["kernel_s"] = timed(lambda: imp.execute(plan, desc.handles), args.reps)
+        timed(lambda: imp.execute_addresses(plan), 3)
+        result["addr_kernel_s"] = timed(lambda: imp.execute_addresses(plan), args.reps)
 
         def full_load():
             t0 = time.perf_counter()
@@ -142,11 +147,89 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
             timed(lambda: b.copy_(a, non_blocking=True), 3)
             result["peer_1gib_s"] = timed(lambda: b.copy_(a, non_blocking=True), args.reps)
             result["peer_ok"] = bool(torch.equal(a.to("cuda:0"), b))
+        if args.sweep:
+            result["sweep"] = _sweep(layout, desc, src, dst, timed, args.reps)
         result["bytes"] = nbytes
         imp.close()
         conn.send(("ok", result))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
+
+
+def _sweep(layout, desc, src, dst, timed, reps: int) -> list:
+    """Kernel time of each launch shape (unroll x threads x blocks per SM) on the same plan."""
+    from kvmkt_connector.transport.cuda_ipc import CudaIpcImporter
+
+    rows = []
+    for unroll in (2, 4, 8):
+        for threads in (256, 512, 1024):
+            for per_sm in (2, 4, 8, 16):
+                imp = CudaIpcImporter(layout, unroll=unroll, threads=threads, blocks_per_sm=per_sm)
+                plan = imp.plan(desc, src, dst)
+                timed(lambda: imp.execute(plan, desc.handles), 2)  # noqa: B023
+                t = timed(lambda: imp.execute(plan, desc.handles), max(5, reps // 2))  # noqa: B023
+                rows.append((unroll, threads, per_sm, t))
+                imp.close()
+    return rows
+
+
+def host_path(args) -> dict:
+    """host_shm on a GPU: pages between a page-locked /dev/shm region and the KV cache by the
+    copy kernel (what GPUs without peer access use), against pinned H2D/D2H copies of 1 GiB
+    in the same process. Checks the round trip byte for byte."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from kvmkt_connector.transport.host_shm import HostPageRegion, HostShmExporter, HostShmImporter
+    from kvmkt_connector.transport.layout import KVPageLayout
+
+    page_elems = args.page_kib * 1024 // 2
+    pages = args.host_pages
+    src_caches = _caches(args.src_blocks, args.layers, page_elems, "cuda:0", seed=11)
+    dst_caches = _caches(args.dst_blocks, args.layers, page_elems, "cuda:0", seed=None)
+    src_layout = KVPageLayout(src_caches, args.src_blocks)
+    dst_layout = KVPageLayout(dst_caches, args.dst_blocks)
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    path = os.path.join(folder, f"kvmkt-bench-{os.getpid()}")
+    t0 = time.perf_counter()
+    region = HostPageRegion.create(path, pages, src_layout.segment_bytes)
+    exporter = HostShmExporter(src_layout, region)  # page-locks the region
+    register_s = time.perf_counter() - t0
+    importer = HostShmImporter(dst_layout)
+    rng = np.random.default_rng(1)
+    src = rng.choice(args.src_blocks, size=pages, replace=False).tolist()
+    dst = rng.choice(args.dst_blocks, size=pages, replace=False).tolist()
+    slots = list(range(pages))
+    keys = [i.to_bytes(16, "little") for i in range(pages)]
+
+    def wall(fn, reps):
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    try:
+        save_s = wall(lambda: exporter.save(src, slots, keys), args.reps)
+        load_s = wall(lambda: importer.load(region.descriptor, slots, keys, dst), args.reps)
+        torch.cuda.synchronize()
+        bad = sum(int((s_[src].view(torch.int64).sum(1) != d_[dst].view(torch.int64).sum(1)).sum())
+                  for s_, d_ in zip(src_caches.values(), dst_caches.values(), strict=True))
+        host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+        dev = torch.empty(1 << 30, dtype=torch.uint8, device="cuda:0")
+        h2d = wall(lambda: dev.copy_(host, non_blocking=True), args.reps)
+        d2h = wall(lambda: host.copy_(dev, non_blocking=True), args.reps)
+    finally:
+        importer.close()
+        region.close()
+    return dict(bytes=args.layers * pages * args.page_kib * 1024, save_s=save_s, load_s=load_s,
+                h2d_s=h2d, d2h_s=d2h, bad_pages=bad, pages=args.layers * pages,
+                register_s=register_s, region_bytes=sum(src_layout.segment_bytes) * pages)
 
 
 def _batch_memcpy(plan, reps: int) -> float | None:
@@ -162,8 +245,9 @@ def _batch_memcpy(plan, reps: int) -> float | None:
         times = []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            dsts = [driver.CUdeviceptr(int(x)) for x in plan.dst]
-            srcs = [driver.CUdeviceptr(int(x)) for x in plan.src]
+            src, dst = plan.addresses()
+            dsts = [driver.CUdeviceptr(int(x)) for x in dst]
+            srcs = [driver.CUdeviceptr(int(x)) for x in src]
             sizes = [plan.page_bytes] * plan.num_pages
             res = driver.cuMemcpyBatchAsync(dsts, srcs, sizes, plan.num_pages, [attr], [0], 1, stream)
             if int(res[0]) != 0:
@@ -184,6 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("--src-blocks", type=int, default=4096)
     ap.add_argument("--dst-blocks", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time every kernel launch shape")
+    ap.add_argument("--host-pages", type=int, default=512,
+                    help="pages per layer for the host_shm rows (0: skip them)")
     args = ap.parse_args(argv)
     import torch
 
@@ -225,6 +312,7 @@ def main(argv=None) -> int:
     base_name = "torch D2D copy 1 GiB (peak)" if args.same_gpu else "torch peer copy 1 GiB (peak)"
     for name, key, size in ((base_name, "peer_1gib_s", 1.0737),
                             ("kvmkt kernel (prepared plan)", "kernel_s", gb),
+                            ("page-address kernel (host plan)", "addr_kernel_s", gb),
                             ("kvmkt load() end to end", "load_s", gb),
                             ("cuMemcpyBatchAsync (lists)", "batch_memcpy_s", gb)):
         t = full.get(key)
@@ -234,7 +322,32 @@ def main(argv=None) -> int:
             print(f"{name:<34}{t * 1e3:>12.3f}{rate:>10.1f}{ratio:>9}")
         else:
             print(f"{name:<34}{'n/a':>12}")
-    ok = full["bad_pages"] == 0 and iso["bad_pages"] == 0 and full["dirty_untouched"] == 0
+    if args.host_pages:
+        hp = host_path(args)
+        hgb = hp["bytes"] / 1e9
+        print(f"\n== host_shm on the GPU: page-locked /dev/shm region <-> KV cache, "
+              f"{hgb:.2f} GB ({hp['pages']} pages) ==")
+        print(f"region {hp['region_bytes'] / 1e9:.2f} GB page-locked in {hp['register_s']:.2f} s; "
+              f"round trip: bad pages {hp['bad_pages']}/{hp['pages']}")
+        print(f"{'path':<34}{'time (ms)':>12}{'GB/s':>10}{'x peak':>9}")
+        for name, key, size, peak_key in (
+                ("pinned H2D 1 GiB (peak)", "h2d_s", 1.0737, "h2d_s"),
+                ("host_shm load (region -> GPU)", "load_s", hgb, "h2d_s"),
+                ("pinned D2H 1 GiB (peak)", "d2h_s", 1.0737, "d2h_s"),
+                ("host_shm save (GPU -> region)", "save_s", hgb, "d2h_s")):
+            rate, ref = size / hp[key], 1.0737 / hp[peak_key]
+            print(f"{name:<34}{hp[key] * 1e3:>12.3f}{rate:>10.1f}{rate / ref:>9.3f}")
+        ok_host = hp["bad_pages"] == 0
+    else:
+        ok_host = True
+    if full.get("sweep"):
+        print(f"\n== kernel launch shapes ({gb:.2f} GB, median ms; x peak) ==")
+        print(f"{'unroll':>7}{'threads':>8}{'blk/SM':>7}{'ms':>9}{'GB/s':>9}{'x peak':>8}")
+        for unroll, threads, per_sm, t in sorted(full["sweep"], key=lambda r: r[3]):
+            ratio = f"{gb / t / peak:.3f}" if peak else "-"
+            print(f"{unroll:>7}{threads:>8}{per_sm:>7}{t * 1e3:>9.3f}{gb / t:>9.1f}{ratio:>8}")
+    ok = (full["bad_pages"] == 0 and iso["bad_pages"] == 0 and full["dirty_untouched"] == 0
+          and ok_host)
     return 0 if ok else 2
 
 

@@ -36,8 +36,9 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
 
     # Transport: "auto" picks cuda_ipc between GPUs with peer access, else host_shm.
     transport: Literal["auto", "host_shm", "cuda_ipc"] = "auto"
-    # host_shm: bytes of the export region per worker (capped at half the free /dev/shm).
-    host_region_bytes: int = 1 << 30
+    # host_shm: bytes of the export region per worker; None: room for every block of the
+    # KV cache. Either way capped at half the free space of /dev/shm when it is created.
+    host_region_bytes: int | None = None
 
     # Testing only: let requests ask for corrupted imports (negative controls).
     allow_fault_injection: bool = False
@@ -49,7 +50,7 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
             ("registry_sync_interval_ms", self.registry_sync_interval_ms >= 0),
             ("min_import_tokens", self.min_import_tokens >= 1),
             ("lease_ttl_s", self.lease_ttl_s > 0),
-            ("host_region_bytes", self.host_region_bytes >= 0),
+            ("host_region_bytes", self.host_region_bytes is None or self.host_region_bytes >= 0),
         ]
         bad = [name for name, ok in checks if not ok]
         if bad:

@@ -1,42 +1,78 @@
-// Batched page copy for kvmkt-connector, compiled at run time with NVRTC.
+// Batched page copies for kvmkt-connector, compiled at run time with NVRTC.
 //
-// Copies n_pages pages of page_bytes each from src[p] to dst[p]. The addresses may point
-// at local memory or at another GPU's memory mapped through CUDA IPC, in which case the
-// loads travel over NVLink. One thread block per page (grid-stride over pages); every
-// thread keeps UNROLL 16-byte loads in flight before storing, because a peer read has
-// microseconds of latency and only many outstanding requests fill the link.
+// A KV page is one block of one segment (a layer's K or V, or both, depending on the
+// layout). The addresses may point at local memory or at another GPU's memory mapped
+// through CUDA IPC, in which case the loads travel over NVLink. One thread block per page
+// (grid-stride over pages); every thread keeps UNROLL 16-byte loads in flight before
+// storing, because a peer read has microseconds of latency and only many outstanding
+// requests fill the link.
 //
 // Requires page_bytes % 16 == 0 and 16-byte aligned addresses (checked by the caller).
 
+// Tunables (benchmarks/transport_bench.py --sweep compiles variants with -D).
+#ifndef UNROLL
 #define UNROLL 4
+#endif
+#ifndef MAX_THREADS
+#define MAX_THREADS 512
+#endif
 
 struct alignas(16) Vec16 {
     unsigned long long lo, hi;
 };
 
-extern "C" __global__ void __launch_bounds__(512)
+__device__ __forceinline__ void copy_page(const Vec16* __restrict__ s, Vec16* __restrict__ d,
+                                          unsigned long long n_vec)
+{
+    const unsigned long long step = (unsigned long long)blockDim.x * UNROLL;
+    for (unsigned long long i = threadIdx.x; i < n_vec; i += step) {
+        Vec16 v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const unsigned long long j = i + (unsigned long long)u * blockDim.x;
+            if (j < n_vec) v[u] = s[j];
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const unsigned long long j = i + (unsigned long long)u * blockDim.x;
+            if (j < n_vec) d[j] = v[u];
+        }
+    }
+}
+
+// Explicit addresses: page p goes from src[p] to dst[p] (benchmarks, odd layouts).
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
 kvmkt_copy_pages(const unsigned long long* __restrict__ src,
                  const unsigned long long* __restrict__ dst,
                  unsigned long long page_bytes,
                  unsigned int n_pages)
 {
-    const unsigned long long n_vec = page_bytes / 16;
-    const unsigned long long step = (unsigned long long)blockDim.x * UNROLL;
     for (unsigned int p = blockIdx.x; p < n_pages; p += gridDim.x) {
-        const Vec16* __restrict__ s = reinterpret_cast<const Vec16*>(src[p]);
-        Vec16* __restrict__ d = reinterpret_cast<Vec16*>(dst[p]);
-        for (unsigned long long i = threadIdx.x; i < n_vec; i += step) {
-            Vec16 v[UNROLL];
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const unsigned long long j = i + (unsigned long long)u * blockDim.x;
-                if (j < n_vec) v[u] = s[j];
-            }
-#pragma unroll
-            for (int u = 0; u < UNROLL; ++u) {
-                const unsigned long long j = i + (unsigned long long)u * blockDim.x;
-                if (j < n_vec) d[j] = v[u];
-            }
-        }
+        copy_page(reinterpret_cast<const Vec16*>(src[p]), reinterpret_cast<Vec16*>(dst[p]),
+                  page_bytes / 16);
+    }
+}
+
+// Addresses computed here from block ids, so a load ships 8 bytes per block instead of
+// 16 per page (a 30k-token import of a 32-layer model: 15 KB instead of 2 MB, and no host
+// loop over pages). segs holds, per segment, {src block 0, src stride, dst block 0, dst
+// stride} in bytes; blocks holds the n_blocks source block ids, then the destination ids.
+// Page p is block p % n_blocks of segment p / n_blocks.
+extern "C" __global__ void __launch_bounds__(MAX_THREADS)
+kvmkt_copy_blocks(const long long* __restrict__ segs,
+                  const int* __restrict__ blocks,
+                  unsigned int n_blocks,
+                  unsigned int n_segs,
+                  unsigned long long page_bytes)
+{
+    const unsigned long long n_pages = (unsigned long long)n_blocks * n_segs;
+    for (unsigned long long p = blockIdx.x; p < n_pages; p += gridDim.x) {
+        const unsigned int seg = (unsigned int)(p / n_blocks);
+        const unsigned int i = (unsigned int)(p - (unsigned long long)seg * n_blocks);
+        const long long* g = segs + 4 * seg;
+        const long long s = g[0] + (long long)blocks[i] * g[1];
+        const long long d = g[2] + (long long)blocks[n_blocks + i] * g[3];
+        copy_page(reinterpret_cast<const Vec16*>(s), reinterpret_cast<Vec16*>(d),
+                  page_bytes / 16);
     }
 }

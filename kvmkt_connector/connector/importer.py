@@ -103,6 +103,7 @@ class ImportPlanner:
             return 0
         trace(logger, request.request_id, "lookup")
         candidates = keys.extend(request.all_token_ids, upto=limit * bs)[start:limit]
+        trace(logger, request.request_id, "keyed")
         self._stats.count("lookups")
         hint = self._link.hint(candidates)
         if hint < self._min_blocks:
@@ -116,6 +117,7 @@ class ImportPlanner:
         if grant is None:
             self._stats.count("fallback_miss")
             return 0
+        trace(logger, request.request_id, "granted")
         n = self._usable(grant.descriptor, grant.locations)
         if n is None or n < self._min_blocks:  # another transport, or rewritten pages
             self._link.call(lambda c: c.release_leases([grant.lease_id]))

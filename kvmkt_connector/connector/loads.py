@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kvmkt_connector.connector.metadata import LoadJob
@@ -47,6 +48,8 @@ _MAX_TABLES = 16
 class _Load:
     job: LoadJob
     t0: float
+    holder: HolderDescriptor | None = None  # decoded once per job (see _holder)
+    src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # job.src
     issue_at: float = 0.0  # > 0: not issued yet (test stall)
     is_done: Callable[[], bool] = lambda: True
     check: Callable[[], None] = lambda: None  # raises TransferError if the copy is suspect
@@ -75,13 +78,15 @@ class LoadRunner:
         self._loads: list[_Load] = []
         self._failed_now: list[tuple[LoadJob, str]] = []
         self._tables: dict[str, GenerationTable] = {}
+        self._holders: dict[bytes, HolderDescriptor] = {}
 
     # ------------------------------------------------------------ issue
 
     def submit(self, job: LoadJob) -> None:
-        load = _Load(job, time.perf_counter())
+        load = _Load(job, time.perf_counter(), src=np.asarray(job.src, dtype=np.int64))
         try:
-            self._precheck(job)
+            load.holder = self._holder(job.descriptor)
+            self._precheck(load)
         except Exception as e:
             self._failed_now.append((job, f"{type(e).__name__}: {e}"))
             return
@@ -93,13 +98,24 @@ class LoadRunner:
         else:
             self._issue(load)
 
-    def _precheck(self, job: LoadJob) -> None:
+    def _holder(self, blob: bytes) -> HolderDescriptor:
+        """Decoded descriptors, by blob: every load from a holder carries the same one."""
+        holder = self._holders.get(blob)
+        if holder is None:
+            holder = HolderDescriptor.decode(blob)
+            while len(self._holders) >= _MAX_TABLES:
+                self._holders.pop(next(iter(self._holders)))
+            self._holders[blob] = holder
+        return holder
+
+    def _precheck(self, load: _Load) -> None:
         """In-place pages rewritten since the lease: do not even copy (the check after the
         copy is the one that matters; a test stall sits between the two)."""
-        holder = HolderDescriptor.decode(job.descriptor)
+        job, holder = load.job, load.holder
+        assert holder is not None
         if holder.generations is not None and job.fault != "stall_unchecked":
             table = self._table(holder.generations.path, holder.generations.num_blocks)
-            if table.unchanged_prefix(job.src) < len(job.src):
+            if table.unchanged_prefix(load.src) < load.src.size:
                 raise TransferError("the holder rewrote pages before the copy")
 
     def _issue(self, load: _Load) -> None:
@@ -107,11 +123,12 @@ class LoadRunner:
         load.issue_at = 0.0
         trace(logger, job.request_id, "issue")
         try:
-            holder = HolderDescriptor.decode(job.descriptor)
+            holder = load.holder
+            assert holder is not None
             desc = holder.ranks[self._rank]
-            src = job.src
+            src = load.src
             if job.fault == "first_page":  # the prototype's bug: every page from block 0
-                src = [src[0]] * len(src)
+                src = np.full_like(src, src[0])
             if isinstance(desc, CudaIpcDescriptor) and self._ipc is not None:
                 self._issue_ipc(load, holder, desc, src)
             elif isinstance(desc, HostShmDescriptor) and self._shm is not None:
@@ -124,7 +141,7 @@ class LoadRunner:
         self._loads.append(load)
 
     def _issue_ipc(self, load: _Load, holder: HolderDescriptor, desc: CudaIpcDescriptor,
-                   src: list[int]) -> None:
+                   src: np.ndarray) -> None:
         job = load.job
         if holder.generations is None:
             raise TransferError("in-place holder without a generation table")
@@ -133,20 +150,21 @@ class LoadRunner:
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self._layout.device))
         with torch.cuda.stream(self._stream):
-            event = self._ipc.load(desc, blocks.tolist(), job.dst)
+            event = self._ipc.load(desc, blocks, job.dst)
+            trace(logger, job.request_id, "launched")
             if job.fault == "zero":
                 self._zero(job.dst)
                 event.record(self._stream)
         load.is_done = event.query
 
         def check() -> None:
-            if job.fault != "stall_unchecked" and table.unchanged_prefix(job.src) < len(job.src):
+            if job.fault != "stall_unchecked" and table.unchanged_prefix(load.src) < load.src.size:
                 raise TransferError("the holder rewrote pages during the copy")
             if not process_alive(desc.pid):
                 raise TransferError("the holder died during the copy")
         load.check = check
 
-    def _issue_shm(self, load: _Load, desc: HostShmDescriptor, src: list[int]) -> None:
+    def _issue_shm(self, load: _Load, desc: HostShmDescriptor, src: np.ndarray) -> None:
         job = load.job
         slots, _ = decode_locations(src)
         keys = job.keys if job.fault != "first_page" else [job.keys[0]] * len(job.keys)

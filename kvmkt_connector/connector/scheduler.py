@@ -100,6 +100,7 @@ class MarketplaceScheduler:
         self._num_blocks = kv_cache_config.num_blocks
         self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._usable)
         self._tables: dict[str, GenerationTable] = {}  # holders' generations, by path
+        self._holders: dict[bytes, HolderDescriptor] = {}  # decoded descriptors, by blob
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._transport = ""  # what our workers import with (from their handshake)
@@ -213,18 +214,22 @@ class MarketplaceScheduler:
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
+        self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
+        step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
+        loads = self._planner.take_jobs()
         if self._trace:  # not a loop over every step's requests unless asked for
             for req in scheduler_output.scheduled_new_reqs:
                 trace(logger, req.req_id, f"scheduled {req.num_computed_tokens}")
-        self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
-        step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
+            trace(logger, "-", f"step-meta tokens={scheduler_output.total_num_scheduled_tokens} "
+                               f"loads={len(loads)}")
         return MarketplaceConnectorMetadata(
-            loads=self._planner.take_jobs(), saves=saves, idle_step=not self._step_runs,
-            step=step, ack=ack,
+            loads=loads, saves=saves, idle_step=not self._step_runs, step=step, ack=ack,
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta
+        if self._trace:
+            trace(logger, "-", "step-output")
         if not isinstance(meta, MarketplaceWorkerMetadata):
             return
         # A load is over once every rank reported it; failed if any rank failed it.
@@ -259,10 +264,15 @@ class MarketplaceScheduler:
     def _usable(self, descriptor: bytes, locations: list[int]) -> int | None:
         """How many leading leased pages of that holder are still the published ones;
         None if our workers cannot read that holder at all (another transport)."""
-        try:
-            holder = HolderDescriptor.decode(descriptor)
-        except msgspec.DecodeError:
-            return None
+        holder = self._holders.get(descriptor)
+        if holder is None:
+            try:
+                holder = HolderDescriptor.decode(descriptor)
+            except msgspec.DecodeError:
+                return None
+            while len(self._holders) >= _MAX_MAPPED_TABLES:
+                self._holders.pop(next(iter(self._holders)))
+            self._holders[descriptor] = holder
         want = _TRANSPORT_OF.get(self._transport)
         if len(holder.ranks) != self._world or any(type(d) is not want for d in holder.ranks):
             return None

@@ -24,7 +24,7 @@ from kvmkt_connector.connector.metadata import (
     MarketplaceWorkerMetadata,
     SaveJob,
 )
-from kvmkt_connector.logs import get_logger
+from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import RankDescriptor, TransferError
@@ -75,6 +75,7 @@ class MarketplaceWorker:
         self._finished: set[str] = set()
         self._idle_step = False
         self._done = MarketplaceWorkerMetadata()
+        self._trace = os.environ.get("KVMKT_TRACE") == "1"
 
     # ------------------------------------------------------------ setup
 
@@ -144,7 +145,8 @@ class MarketplaceWorker:
 
     def _open_export_region(self, layout: KVPageLayout) -> None:
         folder = holder_dir()
-        slots = slots_for_budget(self._cfg.host_region_bytes, layout.segment_bytes, folder)
+        slots = slots_for_budget(self._cfg.host_region_bytes, layout.segment_bytes, folder,
+                                 layout.num_blocks)
         if slots == 0:
             logger.warning("kvmkt: no room for an export region in %s: not exporting", folder)
             return
@@ -187,6 +189,8 @@ class MarketplaceWorker:
     # ------------------------------------------------------------ per step
 
     def run_jobs(self, meta: MarketplaceConnectorMetadata) -> None:
+        if self._trace:
+            trace(logger, "-", f"worker-start loads={len(meta.loads)} idle={meta.idle_step}")
         self._idle_step = meta.idle_step and bool(meta.loads)
         if meta.ack:  # this step's output then carries worker metadata, so vLLM hands it on
             self._done.acked_step = meta.step
@@ -224,6 +228,8 @@ class MarketplaceWorker:
             for job_id in res.failed_jobs:
                 self._done.loads_failed[job_id] = 1
         finished, self._finished = self._finished, set()
+        if self._trace:
+            trace(logger, "-", f"worker-finished reported={len(finished)}")
         return finished or None
 
     def take_load_errors(self) -> set[int]:

@@ -74,6 +74,23 @@ def close_ipc_handle(ptr: int) -> None:
     check(_driver().cuIpcCloseMemHandle(_ptr(ptr)), "cuIpcCloseMemHandle")
 
 
+def host_register(ptr: int, size: int) -> int:
+    """Page-lock host memory (e.g. a mapped /dev/shm file) and map it into the device's
+    address space; returns the address kernels use for it."""
+    driver = _driver()
+    flags = driver.CU_MEMHOSTREGISTER_DEVICEMAP | driver.CU_MEMHOSTREGISTER_PORTABLE
+    check(driver.cuMemHostRegister(ptr, size, flags), "cuMemHostRegister")
+    try:
+        return int(check(driver.cuMemHostGetDevicePointer(ptr, 0), "cuMemHostGetDevicePointer"))
+    except TransferError:
+        host_unregister(ptr)
+        raise
+
+
+def host_unregister(ptr: int) -> None:
+    check(_driver().cuMemHostUnregister(ptr), "cuMemHostUnregister")
+
+
 def device_uuid(ordinal: int) -> str:
     driver = _driver()
     dev = check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
@@ -97,13 +114,15 @@ def native_source(name: str) -> str:
     raise TransferError(f"native source {name} not found in {_NATIVE_DIRS}")
 
 
-def compile_cubin(source_name: str, arch: str) -> bytes:
-    """Compile ``native/<source_name>`` with NVRTC for ``arch`` (e.g. "sm_90")."""
+def compile_cubin(source_name: str, arch: str, defines: tuple[str, ...] = ()) -> bytes:
+    """Compile ``native/<source_name>`` with NVRTC for ``arch`` (e.g. "sm_90");
+    ``defines`` are "NAME=VALUE" macros."""
     from cuda.bindings import nvrtc
 
     src = native_source(source_name).encode()
     prog = check(nvrtc.nvrtcCreateProgram(src, source_name.encode(), 0, [], []), "nvrtcCreateProgram")
     opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
+    opts += [f"-D{d}".encode() for d in defines]
     err = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
     if int(err) != 0:
         log_size = check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
@@ -118,9 +137,9 @@ def compile_cubin(source_name: str, arch: str) -> bytes:
 
 
 @cache
-def compile_kernel(source_name: str, kernel: str, arch: str) -> Any:
+def compile_kernel(source_name: str, kernel: str, arch: str, defines: tuple[str, ...] = ()) -> Any:
     """Compile and load ``kernel`` of ``native/<source_name>`` into the current context."""
-    cubin = compile_cubin(source_name, arch)
+    cubin = compile_cubin(source_name, arch, defines)
     image = ctypes.c_char_p(cubin)  # keeps the bytes alive and gives their address
     address = ctypes.cast(image, ctypes.c_void_p).value
     module = check(_driver().cuModuleLoadData(address), "cuModuleLoadData")

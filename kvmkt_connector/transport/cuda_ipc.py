@@ -6,18 +6,20 @@ pointers mean nothing in another process; handles do.
 
 Importer: opens each handle once (``CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS``: the mapping goes
 over NVLink when the GPUs differ; the exporter's GPU need not be visible to this process)
-and caches the mapping. A load is one ``PeerCopyPlan``: the source and destination address
-of every (segment, block), built with numpy and executed by one kernel launch per page size
-on the current stream (the importer's side stream; see connector/loads.py).
+and caches the mapping. A load is one ``PeerCopyPlan`` run by one kernel launch on the
+current stream (the importer's side stream; see connector/loads.py): the kernel computes
+each page's addresses from the block ids and a per-holder segment table kept on the GPU,
+so a load ships two block-id lists, not an address per page.
 Mappings of exporters that died or stayed unused are closed once no copy uses them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,9 +32,9 @@ from kvmkt_connector.transport.descriptors import (
     process_alive,
 )
 from kvmkt_connector.transport.layout import KVPageLayout
+from kvmkt_connector.transport.page_copy import PageCopier, SegmentTable
 
 IDLE_CLOSE_S = 60.0
-_BLOCK_THREADS = 512
 
 
 def describe_exports(layout: KVPageLayout) -> CudaIpcDescriptor:
@@ -63,28 +65,41 @@ def describe_exports(layout: KVPageLayout) -> CudaIpcDescriptor:
 
 
 class PeerCopyPlan:
-    """Source and destination address of every page one load copies."""
+    """One load: the holder's segment table and the checked block ids (page ``p`` is block
+    ``p % num_blocks`` of segment ``p // num_blocks``)."""
 
-    def __init__(self, src: np.ndarray, dst: np.ndarray, page_bytes: int) -> None:
-        self.src, self.dst, self.page_bytes = src, dst, page_bytes
+    def __init__(self, table: SegmentTable, blocks: np.ndarray, page_bytes: int) -> None:
+        self.table = table
+        self.blocks = blocks  # int32 [2, n_blocks]: source ids, destination ids
+        self.page_bytes = page_bytes
 
     @property
     def num_pages(self) -> int:
-        return int(self.src.size)
+        return self.table.num_segments * int(self.blocks.shape[1])
+
+    def addresses(self) -> tuple[np.ndarray, np.ndarray]:
+        """Source and destination address of every page, in kernel order (benchmarks)."""
+        g, b = self.table.host, self.blocks.astype(np.int64)
+        return ((g[:, 0:1] + b[0][None, :] * g[:, 1:2]).ravel(),
+                (g[:, 2:3] + b[1][None, :] * g[:, 3:4]).ravel())
 
 
 class CudaIpcImporter:
-    def __init__(self, layout: KVPageLayout) -> None:
+    def __init__(self, layout: KVPageLayout, **launch: int) -> None:
+        """``launch``: the copy kernel's launch shape (see ``PageCopier``)."""
         self.layout = layout
-        # Our own segments, with ``offset`` holding the absolute address of block 0.
-        self._local = [CudaIpcSegment(0, v.data_ptr(), s.block_stride, s.nbytes)
-                       for s, v in zip(layout.segments, layout.views, strict=True)]
+        self._local_start = [v.data_ptr() for v in layout.views]
+        self._local_stride = [s.block_stride for s in layout.segments]
+        self._local_bytes = [s.nbytes for s in layout.segments]
+        sizes = set(self._local_bytes)
+        self._page_bytes = sizes.pop() if len(sizes) == 1 else 0  # 0: not supported
         self._mapped: dict[bytes, list] = {}  # handle -> [ptr, last_used, pid]
-        self._inflight: list[tuple[torch.cuda.Event, list[bytes], tuple]] = []
+        # (holder's handles, segments) -> (their mapped bases, segment table); rebuilt when
+        # a handle is mapped again at another address
+        self._seg_tables: dict[tuple, tuple[list[int], SegmentTable]] = {}
+        self._inflight: list[tuple[torch.cuda.Event, list[bytes], Any]] = []
         self._next_sweep = 0.0
-        device = layout.device
-        major, minor = torch.cuda.get_device_capability(device)
-        self._kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", f"sm_{major}{minor}")
+        self._copier = PageCopier(layout.device, **launch)
 
     def _bases(self, desc: CudaIpcDescriptor) -> list[int]:
         now = time.monotonic()
@@ -97,47 +112,46 @@ class CudaIpcImporter:
             bases.append(entry[0])
         return bases
 
-    def plan(self, desc: CudaIpcDescriptor, src_blocks: list[int], dst_blocks: list[int]) -> PeerCopyPlan:
-        if len(desc.segments) != len(self._local) or any(
-            r.nbytes != loc.nbytes for r, loc in zip(desc.segments, self._local, strict=True)
+    def _segment_table(self, desc: CudaIpcDescriptor) -> SegmentTable:
+        if len(desc.segments) != len(self._local_bytes) or any(
+            r.nbytes != n for r, n in zip(desc.segments, self._local_bytes, strict=True)
         ):
             raise TransferError("holder's KV segments differ from ours")
         bases = self._bases(desc)
-        src_b = np.asarray(src_blocks, dtype=np.int64)
-        dst_b = np.asarray(dst_blocks, dtype=np.int64)
-        if dst_b.size and (dst_b.min() < 0 or dst_b.max() >= self.layout.num_blocks):
-            raise TransferError("destination block out of range")
-        if src_b.size and (src_b.min() < 0 or src_b.max() >= desc.num_blocks):
-            raise TransferError("source block out of the holder's range")  # never read wild
-        r_start = np.array([bases[s.allocation] + s.offset for s in desc.segments], dtype=np.int64)
-        r_stride = np.array([s.block_stride for s in desc.segments], dtype=np.int64)
-        l_start = np.array([s.offset for s in self._local], dtype=np.int64)
-        l_stride = np.array([s.block_stride for s in self._local], dtype=np.int64)
-        src = (r_start[:, None] + src_b[None, :] * r_stride[:, None]).ravel()
-        dst = (l_start[:, None] + dst_b[None, :] * l_stride[:, None]).ravel()
-        sizes = {s.nbytes for s in self._local}
-        if len(sizes) != 1:
+        key = (tuple(desc.handles), tuple(desc.segments))
+        cached = self._seg_tables.get(key)
+        if cached is not None and cached[0] == bases:
+            return cached[1]
+        table = SegmentTable.build(
+            [bases[s.allocation] + s.offset for s in desc.segments],
+            [s.block_stride for s in desc.segments],
+            self._local_start, self._local_stride, self.layout.device,
+        )
+        self._seg_tables[key] = (bases, table)
+        return table
+
+    def plan(self, desc: CudaIpcDescriptor, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> PeerCopyPlan:
+        if not self._page_bytes:
             raise TransferError("segments of different sizes are not supported")
-        return PeerCopyPlan(src, dst, sizes.pop())
+        table = self._segment_table(desc)
+        ids = PageCopier.block_ids(src_blocks, dst_blocks, desc.num_blocks, self.layout.num_blocks)
+        return PeerCopyPlan(table, ids, self._page_bytes)
 
     def execute(self, plan: PeerCopyPlan, handles: list[bytes]) -> torch.cuda.Event:
         """Enqueue the copy on the current stream; the event completes with it."""
-        stream = torch.cuda.current_stream(self.layout.device)
-        addresses = torch.from_numpy(np.stack([plan.src, plan.dst])).pin_memory()
-        on_device = addresses.to(self.layout.device, non_blocking=True)
-        grid = max(1, min(plan.num_pages, 132 * 8))
-        cu.launch(
-            self._kernel, grid, _BLOCK_THREADS, stream.cuda_stream,
-            [(on_device[0].data_ptr(), ctypes.c_void_p), (on_device[1].data_ptr(), ctypes.c_void_p),
-             (plan.page_bytes, ctypes.c_uint64), (plan.num_pages, ctypes.c_uint32)],
-        )
-        event = torch.cuda.Event()
-        event.record(stream)
-        # The address buffers must outlive the copy; the mappings must too (see sweep).
-        self._inflight.append((event, list(handles), (addresses, on_device)))
+        event, keep = self._copier.copy(plan.table, plan.blocks, plan.page_bytes)
+        # The block ids must outlive the copy; the mappings must too (see sweep).
+        self._inflight.append((event, list(handles), keep))
         return event
 
-    def load(self, desc: CudaIpcDescriptor, src_blocks: list[int], dst_blocks: list[int]) -> torch.cuda.Event:
+    def execute_addresses(self, plan: PeerCopyPlan) -> torch.cuda.Event:
+        """The same copy with every page address computed on the host (benchmark baseline)."""
+        src, dst = plan.addresses()
+        event, keep = self._copier.copy_addresses(src, dst, plan.page_bytes)
+        self._inflight.append((event, [], keep))
+        return event
+
+    def load(self, desc: CudaIpcDescriptor, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> torch.cuda.Event:
         return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
 
     def sweep(self) -> None:
@@ -157,6 +171,8 @@ class CudaIpcImporter:
                 with contextlib.suppress(TransferError):
                     cu.close_ipc_handle(ptr)
                 del self._mapped[handle]
+                for key in [k for k in self._seg_tables if handle in k[0]]:
+                    del self._seg_tables[key]
 
     def close(self) -> None:
         torch.cuda.synchronize(self.layout.device)
@@ -165,3 +181,4 @@ class CudaIpcImporter:
             with contextlib.suppress(TransferError):
                 cu.close_ipc_handle(ptr)
         self._mapped.clear()
+        self._seg_tables.clear()

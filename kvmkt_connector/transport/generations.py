@@ -25,6 +25,7 @@ import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -42,7 +43,7 @@ def encode_locations(blocks: np.ndarray, generations: np.ndarray) -> list[int]:
     return ((generations.astype(np.int64) << BLOCK_BITS) | blocks.astype(np.int64)).tolist()
 
 
-def decode_locations(locations: list[int]) -> tuple[np.ndarray, np.ndarray]:
+def decode_locations(locations: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(block ids, generations) of published locations."""
     loc = np.asarray(locations, dtype=np.int64)
     return loc & _BLOCK_MASK, (loc >> BLOCK_BITS).astype(np.uint32)
@@ -109,7 +110,7 @@ class GenerationTable:
 
     # ------------------------------------------------------------ importer
 
-    def unchanged_prefix(self, locations: list[int]) -> int:
+    def unchanged_prefix(self, locations: Sequence[int] | np.ndarray) -> int:
         """How many leading locations still name the page they were published for."""
         blocks, gens = decode_locations(locations)
         if blocks.size and (blocks.max() >= self.num_blocks or blocks.min() < 0):

@@ -21,8 +21,11 @@ import struct
 import numpy as np
 import torch
 
+from kvmkt_connector.logs import get_logger
+from kvmkt_connector.transport import cuda_driver as cu
 from kvmkt_connector.transport.descriptors import HostShmDescriptor, TransferError
 from kvmkt_connector.transport.layout import KVPageLayout
+from kvmkt_connector.transport.page_copy import PageCopier, SegmentTable
 
 KEY_BYTES = 16
 _MAGIC = b"KVMKTHR1"
@@ -30,6 +33,7 @@ _HEADER = struct.Struct("<8sIQ")  # magic, version, num_slots
 _VERSION = 1
 _ALIGN = 4096
 MAX_MAPPED_REGIONS = 16  # importers keep at most this many holders' regions mapped
+logger = get_logger(__name__)
 
 
 def _align(n: int) -> int:
@@ -45,12 +49,15 @@ def _file_size(num_slots: int, segment_bytes: list[int]) -> tuple[int, list[int]
     return offset, offsets
 
 
-def slots_for_budget(budget_bytes: int, segment_bytes: list[int], path_dir: str) -> int:
-    """How many slots fit the byte budget and half of the free space where the file goes."""
+def slots_for_budget(budget_bytes: int | None, segment_bytes: list[int], path_dir: str,
+                     num_blocks: int) -> int:
+    """How many slots fit the byte budget (None: as many as the KV cache has blocks) and
+    half of the free space where the file goes."""
     per_slot = sum(segment_bytes) + KEY_BYTES
     st = os.statvfs(path_dir)
     free = st.f_bavail * st.f_frsize
-    return max(0, min(budget_bytes, free // 2) // per_slot)
+    budget = num_blocks * per_slot if budget_bytes is None else budget_bytes
+    return max(0, min(budget, free // 2) // per_slot)
 
 
 class HostPageRegion:
@@ -70,6 +77,8 @@ class HostPageRegion:
         elif (magic, version, num_slots) != (_MAGIC, _VERSION, descriptor.num_slots):
             self._mmap.close()
             raise TransferError(f"{descriptor.path} is not a matching kvmkt page region")
+        self._size, self.offsets = size, offsets
+        self.device_base = 0  # > 0 once registered with CUDA (see register_with_cuda)
         key_off = _align(_HEADER.size)
         self.keys = np.frombuffer(
             self._mmap, dtype=np.uint8, count=descriptor.num_slots * KEY_BYTES, offset=key_off
@@ -108,7 +117,21 @@ class HostPageRegion:
             raise TransferError(f"{descriptor.path} is not a page region of this user")
         return cls(descriptor, fd, owner=False)
 
+    def register_with_cuda(self) -> int:
+        """Page-lock the mapping and map it into the GPU's address space (once): the copy
+        kernel then reads or writes the slots directly, at PCIe speed, with no CPU gather."""
+        if not self.device_base:
+            view = np.frombuffer(self._mmap, dtype=np.uint8, count=1)
+            self._host_base = int(view.ctypes.data)
+            del view
+            self.device_base = cu.host_register(self._host_base, self._size)
+        return self.device_base
+
     def close(self) -> None:
+        if self.device_base:  # before unmapping: CUDA must let go of the pages first
+            with contextlib.suppress(TransferError):
+                cu.host_unregister(self._host_base)
+            self.device_base = 0
         self.keys = None  # type: ignore[assignment]
         self.segments = []
         # A view may still be alive somewhere; then the mapping goes with the process.
@@ -123,6 +146,59 @@ def _index(ids: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64, device=device)
 
 
+def _gpu_copier(layout: KVPageLayout) -> PageCopier | None:
+    """The page-copy kernel for a KV cache on a GPU whose segments share one page size."""
+    if layout.device.type != "cuda" or len(set(layout.segment_bytes)) != 1:
+        return None
+    try:
+        return PageCopier(layout.device)
+    except Exception as e:  # no NVRTC / driver: the CPU gather path still works
+        logger.warning("kvmkt: host_shm without the copy kernel (%s): slower staging", e)
+        return None
+
+
+class _DirectCopies:
+    """Region <-> KV cache copies by the page-copy kernel through the registered mapping."""
+
+    def __init__(self, layout: KVPageLayout) -> None:
+        self.layout = layout
+        self.copier = _gpu_copier(layout)
+        self._tables: dict[str, SegmentTable] = {}
+
+    def table(self, region: HostPageRegion, to_region: bool) -> SegmentTable | None:
+        """The segment table for copies into (``to_region``) or out of the region; None if
+        the region cannot be registered (then the caller stages through the CPU)."""
+        if self.copier is None:
+            return None
+        key = f"{region.descriptor.path}:{to_region}"
+        table = self._tables.get(key)
+        if table is None:
+            try:
+                base = region.register_with_cuda()
+            except TransferError as e:
+                logger.warning("kvmkt: cannot page-lock %s (%s): slower staging",
+                               region.descriptor.path, e)
+                self.copier = None
+                return None
+            lay = self.layout
+            slots = ([base + o for o in region.offsets], region.descriptor.segment_bytes)
+            local = ([v.data_ptr() for v in lay.views], [s.block_stride for s in lay.segments])
+            src, dst = (local, slots) if to_region else (slots, local)
+            table = self._tables[key] = SegmentTable.build(*src, *dst, lay.device)
+        return table
+
+    def copy(self, table: SegmentTable, src: list[int], dst: list[int], src_limit: int,
+             dst_limit: int) -> None:
+        assert self.copier is not None
+        ids = PageCopier.block_ids(src, dst, src_limit, dst_limit)
+        event, _keep = self.copier.copy(table, ids, self.layout.segment_bytes[0])
+        event.synchronize()  # the slot keys are checked or set only after the pages moved
+
+    def forget(self, path: str) -> None:
+        for key in [k for k in self._tables if k.rsplit(":", 1)[0] == path]:
+            del self._tables[key]
+
+
 class HostShmExporter:
     """Worker side of an exporting instance: KV cache pages -> region slots."""
 
@@ -130,14 +206,21 @@ class HostShmExporter:
         if region.descriptor.segment_bytes != layout.segment_bytes:
             raise ValueError("page region does not match the KV layout")
         self.layout, self.region = layout, region
+        self._direct = _DirectCopies(layout)
+        self._direct.table(region, to_region=True)  # page-lock now (seconds per 10 GB), not at the first save
 
     def save(self, block_ids: list[int], slots: list[int], keys: list[bytes]) -> None:
         slot_idx = np.asarray(slots, dtype=np.int64)
         self.region.keys[slot_idx] = 0  # invalidate before rewriting
-        blocks = _index(block_ids, self.layout.device)
-        slots_t = _index(slots, torch.device("cpu"))
-        for view, staged in zip(self.layout.views, self.region.segments, strict=True):
-            staged.index_copy_(0, slots_t, view.index_select(0, blocks).cpu())
+        table = self._direct.table(self.region, to_region=True)
+        if table is not None:  # on the current stream: after the forwards that wrote them
+            self._direct.copy(table, block_ids, slots, self.layout.num_blocks,
+                              self.region.descriptor.num_slots)
+        else:
+            blocks = _index(block_ids, self.layout.device)
+            slots_t = _index(slots, torch.device("cpu"))
+            for view, staged in zip(self.layout.views, self.region.segments, strict=True):
+                staged.index_copy_(0, slots_t, view.index_select(0, blocks).cpu())
         self.region.keys[slot_idx] = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
 
 
@@ -147,23 +230,30 @@ class HostShmImporter:
     def __init__(self, layout: KVPageLayout) -> None:
         self.layout = layout
         self._regions: dict[str, HostPageRegion] = {}
+        self._direct = _DirectCopies(layout)
 
     def _region(self, descriptor: HostShmDescriptor) -> HostPageRegion:
         region = self._regions.pop(descriptor.path, None)
         if region is None or region.descriptor != descriptor:
             if region is not None:
-                region.close()
+                self._close(region)
             if descriptor.segment_bytes != self.layout.segment_bytes:
                 raise TransferError("holder's page segments differ from ours")
             region = HostPageRegion.open(descriptor)
             while len(self._regions) >= MAX_MAPPED_REGIONS:  # e.g. regions of dead holders
-                self._regions.pop(next(iter(self._regions))).close()
+                self._close(self._regions.pop(next(iter(self._regions))))
         self._regions[descriptor.path] = region  # most recently used last
         return region
+
+    def _close(self, region: HostPageRegion) -> None:
+        self._direct.forget(region.descriptor.path)
+        region.close()
 
     def load(
         self, descriptor: HostShmDescriptor, slots: list[int], keys: list[bytes], block_ids: list[int]
     ) -> None:
+        """Copy and wait (on the current stream when on a GPU): the slot keys are checked
+        before and after, so a slot rewritten meanwhile fails the load."""
         region = self._region(descriptor)
         if max(slots) >= descriptor.num_slots or min(slots) < 0:
             raise TransferError("slot out of range")
@@ -171,17 +261,22 @@ class HostShmImporter:
         expected = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, 16)
         if not np.array_equal(region.keys[slot_idx], expected):
             raise TransferError("holder's slots no longer hold the leased pages")
-        blocks = _index(block_ids, self.layout.device)
-        slots_t = _index(slots, torch.device("cpu"))
-        for view, staged in zip(self.layout.views, region.segments, strict=True):
-            view.index_copy_(0, blocks, staged.index_select(0, slots_t).to(view.device))
+        table = self._direct.table(region, to_region=False)
+        if table is not None:
+            self._direct.copy(table, slots, block_ids, descriptor.num_slots,
+                              self.layout.num_blocks)
+        else:
+            blocks = _index(block_ids, self.layout.device)
+            slots_t = _index(slots, torch.device("cpu"))
+            for view, staged in zip(self.layout.views, region.segments, strict=True):
+                view.index_copy_(0, blocks, staged.index_select(0, slots_t).to(view.device))
         if not np.array_equal(region.keys[slot_idx], expected):
             raise TransferError("holder rewrote slots during the copy")
 
     def forget(self, path: str) -> None:
         region = self._regions.pop(path, None)
         if region is not None:
-            region.close()
+            self._close(region)
 
     def close(self) -> None:
         for path in list(self._regions):

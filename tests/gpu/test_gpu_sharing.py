@@ -70,6 +70,18 @@ FAULTY = [fresh(1024 + 100 * i) for i in range(8)]
 FAILING = [fresh(512 + 64 * i) for i in range(8)]  # prefixes P of the reported failures
 KILL = [fresh(8192) for _ in range(12)]
 E_BLOCKS = 560
+# KVMKT_GPU_TRANSPORT=host_shm runs the same engines over page-locked shared host memory
+# (GPUs without peer access); tests about reading pages in place then skip.
+TRANSPORT = os.environ.get("KVMKT_GPU_TRANSPORT", "cuda_ipc")
+in_place_only = pytest.mark.skipif(TRANSPORT != "cuda_ipc",
+                                   reason="about pages read in place (cuda_ipc)")
+
+
+def conn(region_gib: int | None = None, **extra):
+    """``region_gib``: the host_shm export region (None: the default, as big as the KV cache)."""
+    if TRANSPORT == "host_shm" and region_gib is not None:
+        extra["host_region_bytes"] = region_gib << 30
+    return connector_config(transport=TRANSPORT, **extra)
 
 
 def gpu_kwargs(**kw):
@@ -82,14 +94,15 @@ def gpu_kwargs(**kw):
 def engines(cluster, tmp_path_factory):
     model = write_tiny_llama(str(tmp_path_factory.mktemp("gpu-model")), seed=3, shape=GPU_TEST_SHAPE)
     REPORT["gpus"] = "pair" if PAIR else "one GPU shared by all engines"
+    REPORT["transport"] = TRANSPORT
     # Engines sharing a GPU start one after the other: vLLM's memory profiling refuses to
     # start while another process on the GPU changes its memory use.
     specs = [
-        ("A", connector_config(), EXPORTER_GPUS, {}),
-        ("B", connector_config(allow_fault_injection=True), IMPORTER_GPUS,
+        ("A", conn(8), EXPORTER_GPUS, {}),  # room for every export of the tests
+        ("B", conn(1, allow_fault_injection=True), IMPORTER_GPUS,
          {"max_num_batched_tokens": 256}),
         ("R", None, IMPORTER_GPUS, {}),
-        ("E", connector_config(), EXPORTER_GPUS,
+        ("E", conn(), EXPORTER_GPUS,
          {"num_gpu_blocks_override": E_BLOCKS, "max_model_len": 8192,
           "gpu_memory_utilization": 0.12 if not PAIR else 0.15}),
     ]
@@ -212,6 +225,7 @@ def _churn(e, blocks: int) -> None:
         e.generate([fresh(180 * BS)], max_tokens=1)
 
 
+@in_place_only
 @pytest.mark.parametrize("checked", [True, False], ids=["checked", "unchecked-control"])
 def test_pages_rewritten_before_the_copy_ends_are_caught(engines, checked):
     """B leases E's prefix, then its copy is held back 4 s; meanwhile E reuses every block
@@ -278,6 +292,7 @@ def test_exports_never_keep_the_exporter_from_serving(engines):
     assert len(out.token_ids) == 4
 
 
+@in_place_only
 def test_exporter_killed_between_lease_and_copy(engines):
     """B leases E's prefix; its copy is held back 3 s and E is SIGKILLed meanwhile: the
     import is reported failed (the holder is gone) and B recomputes."""

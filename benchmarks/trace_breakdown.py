@@ -1,0 +1,81 @@
+"""Where an import's time goes: per-phase medians from a ttft_bench run with KVMKT_TRACE=1.
+
+    python benchmarks/trace_breakdown.py OUT/ttft.log OUT/logs/ttft-engine-B.log
+
+ttft_bench prints ``import-call <submit ns> <done ns> <prefix>`` around each timed import;
+the importer's log holds ``kvmkt-trace <ns> <request|-> <event>`` lines (CLOCK_MONOTONIC,
+shared by the processes of a host). For each import the events inside its window are
+put in order, repeated step events numbered (``step-meta.2``: the second step scheduled in
+the window), and the table gives, per prefix length, the median time of each event since
+the client's call (ms) and the gap from the event before it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import sys
+from collections import defaultdict
+
+_CALL = re.compile(r"^import-call (\d+) (\d+) (\d+)")
+_TRACE = re.compile(r"kvmkt-trace (\d+) (\S+) (\S+)")
+
+
+def windows(bench_log: str) -> list[tuple[int, int, int]]:
+    with open(bench_log) as f:
+        return [tuple(map(int, m.groups())) for line in f if (m := _CALL.match(line))]
+
+
+def events(engine_log: str) -> list[tuple[int, str]]:
+    out = []
+    with open(engine_log, errors="replace") as f:
+        for line in f:
+            m = _TRACE.search(line)
+            if m:
+                out.append((int(m.group(1)), m.group(3)))
+    out.sort()
+    return out
+
+
+def timelines(calls, evs) -> dict[int, list[list[tuple[str, float]]]]:
+    """prefix -> one [(event, ms since submit)] list per import."""
+    by_len: dict[int, list] = defaultdict(list)
+    for t_sub, t_done, length in calls:
+        seen: dict[str, int] = defaultdict(int)
+        line = []
+        for t, name in evs:
+            if t_sub <= t <= t_done:
+                seen[name] += 1
+                label = name if seen[name] == 1 else f"{name}.{seen[name]}"
+                line.append((label, (t - t_sub) / 1e6))
+        line.append(("first-token", (t_done - t_sub) / 1e6))
+        by_len[length].append(line)
+    return by_len
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__)
+        return 2
+    by_len = timelines(windows(argv[0]), events(argv[1]))
+    for length, lines in sorted(by_len.items()):
+        order: list[str] = []
+        stamps: dict[str, list[float]] = defaultdict(list)
+        for line in lines:
+            for label, ms in line:
+                if label not in order:
+                    order.append(label)
+                stamps[label].append(ms)
+        med = {k: statistics.median(v) for k, v in stamps.items()}
+        order.sort(key=lambda k: med[k])
+        print(f"\n== prefix {length}: {len(lines)} imports, median ms since the client's call ==")
+        print(f"{'event':<34}{'at':>9}{'gap':>9}{'n':>4}")
+        prev = 0.0
+        for label in order:
+            print(f"{label:<34}{med[label]:>9.2f}{med[label] - prev:>9.2f}{len(stamps[label]):>4}")
+            prev = med[label]
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
