@@ -8,6 +8,7 @@ group: front end, EngineCore, workers) is how fault tests make an exporter die.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -27,8 +28,18 @@ class Completion:
     seconds: float  # wall time of the generate call this completion came from
 
 
+def _die_with_parent() -> None:
+    """A test runner killed mid-startup must not leave engines behind (Linux; best effort:
+    EngineCore notices its parent is gone by itself)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os._exit(1)
+
+
 def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path: str | None) -> None:
     os.setpgrp()  # our own group: kill() takes EngineCore and workers with us
+    _die_with_parent()
     if log_path:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
