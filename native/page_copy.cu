@@ -17,9 +17,30 @@
 #define MAX_THREADS 512
 #endif
 
-struct alignas(16) Vec16 {
-    unsigned long long lo, hi;
-};
+#ifndef STREAMING
+#define STREAMING 0
+#endif
+
+typedef uint4 Vec16;
+
+// STREAMING=1: evict-first loads and stores (the pages pass through once).
+__device__ __forceinline__ Vec16 load16(const Vec16* p)
+{
+#if STREAMING
+    return __ldcs(p);
+#else
+    return *p;
+#endif
+}
+
+__device__ __forceinline__ void store16(Vec16* p, Vec16 v)
+{
+#if STREAMING
+    __stcs(p, v);
+#else
+    *p = v;
+#endif
+}
 
 __device__ __forceinline__ void copy_page(const Vec16* __restrict__ s, Vec16* __restrict__ d,
                                           unsigned long long n_vec)
@@ -30,12 +51,12 @@ __device__ __forceinline__ void copy_page(const Vec16* __restrict__ s, Vec16* __
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const unsigned long long j = i + (unsigned long long)u * blockDim.x;
-            if (j < n_vec) v[u] = s[j];
+            if (j < n_vec) v[u] = load16(s + j);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const unsigned long long j = i + (unsigned long long)u * blockDim.x;
-            if (j < n_vec) d[j] = v[u];
+            if (j < n_vec) store16(d + j, v[u]);
         }
     }
 }

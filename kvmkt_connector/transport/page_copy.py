@@ -44,13 +44,13 @@ class SegmentTable:
 
 class PageCopier:
     def __init__(self, device: torch.device, unroll: int = 4, threads: int = 512,
-                 blocks_per_sm: int = 8) -> None:
-        """``unroll``, ``threads``, ``blocks_per_sm``: the kernel's launch shape (defaults
-        chosen with ``benchmarks/transport_bench.py --sweep``)."""
+                 blocks_per_sm: int = 8, streaming: bool = False) -> None:
+        """``unroll``, ``threads``, ``blocks_per_sm``, ``streaming`` (evict-first loads and
+        stores): the kernel's shape (see ``benchmarks/transport_bench.py --sweep``)."""
         self.device = device
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
-        defines = (f"UNROLL={unroll}", f"MAX_THREADS={threads}")
+        defines = (f"UNROLL={unroll}", f"MAX_THREADS={threads}", f"STREAMING={int(streaming)}")
         self._blocks_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_blocks", arch, defines)
         self._pages_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", arch, defines)
         self._threads = threads
