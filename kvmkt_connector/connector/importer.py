@@ -105,6 +105,8 @@ class ImportPlanner:
         candidates = keys.extend(request.all_token_ids, upto=limit * bs)[start:limit]
         self._stats.count("lookups")
         hint = self._link.hint(candidates)
+        if hint is None:  # no registry: counted as such, not as a miss
+            return 0
         if hint < self._min_blocks:
             self._stats.count("fallback_miss")
             return 0
