@@ -65,7 +65,8 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       ;;
     soak)
       run soak timeout -k 10 ${SOAK_TIMEOUT_S:-420} python3 benchmarks/soak.py \
-        --cycles ${SOAK_CYCLES:-10000} --workdir /tmp/kvmkt-soak
+        --cycles ${SOAK_CYCLES:-10000} --deadline-s $(( ${SOAK_TIMEOUT_S:-420} - 40 )) \
+        --workdir /tmp/kvmkt-soak
       mkdir -p "$OUT/logs"
       for f in /tmp/kvmkt-soak/engine-*.log; do cp "$f" "$OUT/logs/soak-$(basename "$f")"; done
       ;;

@@ -64,6 +64,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", default=None, help="GPU bfloat16, CPU float32")
     ap.add_argument("--logprob-tol", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="stop the cycles this many seconds after the start (engine start-up "
+                         "included) and still print the table")
     ap.add_argument("--workdir", default=None, help="engine logs and registry (default: a temp dir)")
     args = ap.parse_args(argv)
     gpu = not args.cpu
@@ -185,13 +188,18 @@ def start_engines(args, work: str) -> dict[str, EngineProcess]:
         "B": dict(base, kv_transfer_config=CONNECTOR, **small),
         "R": dict(base, enable_prefix_caching=False),
     }
-    engines = {}
-    for name, kw in specs.items():
-        engines[name] = EngineProcess(kw, env, os.path.join(work, f"engine-{name}.log"))
-        if not args.cpu:  # engines sharing a GPU start one after the other (profiling)
-            engines[name].wait_ready()
-    for e in engines.values():
-        e.wait_ready()
+    engines: dict[str, EngineProcess] = {}
+    try:
+        for name, kw in specs.items():
+            engines[name] = EngineProcess(kw, env, os.path.join(work, f"engine-{name}.log"))
+            if not args.cpu:  # engines sharing a GPU start one after the other (profiling)
+                engines[name].wait_ready()
+        for e in engines.values():
+            e.wait_ready()
+    except BaseException:
+        for e in engines.values():
+            e.kill()
+        raise
     return engines
 
 
@@ -224,6 +232,9 @@ def run(args) -> int:
             t0 = time.monotonic()
             rounds = 0
             while stats["cycles"] < args.cycles:
+                if args.deadline_s and time.monotonic() - t_start > args.deadline_s:
+                    print(f"deadline: stopping after {stats['cycles']} cycles", flush=True)
+                    break
                 rounds += 1
                 exported = rng.sample(range(args.pool), args.batch)
                 a.generate([pool[i] for i in exported], max_tokens=1)
@@ -291,7 +302,7 @@ def run(args) -> int:
     print("\n== soak ==")
     for key, value in rows:
         print(f"{key.ljust(width)}  {value}")
-    return 1 if stats["mismatches"] else 0
+    return 1 if stats["mismatches"] or stats["cycles"] < args.cycles else 0
 
 
 if __name__ == "__main__":

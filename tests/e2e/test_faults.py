@@ -253,9 +253,9 @@ def test_exporter_sigkilled_mid_batch(engines, cluster, kills, tiny_model_dir):
     copies are held back (test stall) until after the kill. B's outputs equal the
     reference, the imports that finished before the kill count, and B keeps serving."""
     b, x = engines["B"], engines["X1"]
+    settle(cluster)  # all of X1-X3 up and registered: the kill below must come on time
     x.generate(KILL_SET, max_tokens=OUT)
     wait_exports(cluster, "X1", KILL_SET)
-    settle(cluster)  # X2 too: the kill below must come right on time
     batch = [p + fresh(20) for p in KILL_SET]
     stall = {"kv_transfer_params": {"kvmkt_fault": "stall", "kvmkt_stall_s": 4.0}}
     before = b.metrics()
