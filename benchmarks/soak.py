@@ -203,6 +203,19 @@ def start_engines(args, work: str) -> dict[str, EngineProcess]:
     return engines
 
 
+def settle_exports(registry: RegistryClient, listed_before: int, cap_s: float = 2.0) -> None:
+    """A publishes a request's pages shortly after it finished (a step or a background
+    hand-off later): wait until the registry's count moved and then held for 50 ms."""
+    deadline = time.monotonic() + cap_s
+    last, moved = listed_before, False
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = registry.status().published_blocks
+        if moved and now == last:
+            return
+        moved, last = moved or now != listed_before, now
+
+
 def run(args) -> int:
     rng = random.Random(args.seed)
     vocab = (TinyLlamaShape() if args.cpu else GPU_TEST_SHAPE).vocab_size
@@ -223,7 +236,7 @@ def run(args) -> int:
             # warm-up: every engine has run, B has met A once, before the start figures
             warm = pool[:4]
             a.generate(warm, max_tokens=1)
-            time.sleep(0.5)
+            settle_exports(registry, 0)
             b.generate([p + [7, 8, 9] for p in warm], max_tokens=1)
             r.generate([p + [7, 8, 9] for p in warm], max_tokens=1)
             before_metrics = b.metrics()
@@ -237,7 +250,9 @@ def run(args) -> int:
                     break
                 rounds += 1
                 exported = rng.sample(range(args.pool), args.batch)
+                listed = registry.status().published_blocks
                 a.generate([pool[i] for i in exported], max_tokens=1)
+                settle_exports(registry, listed)
                 picks = [i if rng.random() < args.fresh_share else rng.randrange(args.pool)
                          for i in exported]
                 batch = [pool[i] + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 24))]

@@ -4,7 +4,10 @@ SIGKILLed in the middle of a batch, exporters started and killed one after anoth
 Engines (one registry, which no engine may restart: ``registry_autostart`` is off, so an
 outage lasts exactly as long as the test wants):
   A, B   export and import, each reading what the other exported (B allows fault injection)
-  X1-X3  short-lived exporters, started during the registry outage, SIGKILLed one by one
+  X1-X3  short-lived exporters, SIGKILLed one by one (X1 and X2 boot during the registry
+         outage, X3 once X1 is dead)
+
+KV caches are small (``num_gpu_blocks_override``): the CI box has little memory to spare.
 
 Every output is compared with the same engine's recompute of the same batch
 (``skip_reading_prefix_cache``: no prefix hit, no import); the seeded model makes a wrong
@@ -65,14 +68,15 @@ def _extra(**kw) -> dict:
 
 def start_exporter(cluster, name: str, model: str) -> None:
     if name not in cluster.engines:
-        cluster.start(name, model, connector=_extra(), num_gpu_blocks_override=256)
+        cluster.start(name, model, connector=_extra(), num_gpu_blocks_override=128)
 
 
 @pytest.fixture(scope="module")
 def engines(cluster, tiny_model_dir):
-    cluster.start("A", tiny_model_dir, connector=_extra(), disable_log_stats=False)
+    cluster.start("A", tiny_model_dir, connector=_extra(), disable_log_stats=False,
+                  num_gpu_blocks_override=512)
     cluster.start("B", tiny_model_dir, connector=_extra(allow_fault_injection=True),
-                  disable_log_stats=False)
+                  disable_log_stats=False, num_gpu_blocks_override=512)
     cluster.wait_all()
     a, b = cluster.engines["A"], cluster.engines["B"]
     for_b = [p for ps in DURING_A for p in ps] + AFTER_A + LATE
@@ -227,7 +231,7 @@ def test_registry_gone_for_30s_then_back(engines, cluster, tiny_model_dir):
     cluster.registry.kill()
     cluster.registry.wait(10)
     t0 = time.monotonic()
-    for name in ("X1", "X2", "X3"):  # boot without a registry, and meanwhile
+    for name in ("X1", "X2"):  # boot without a registry, and meanwhile
         start_exporter(cluster, name, tiny_model_dir)
     for i in range(3):
         check(b, [p + fresh(20) for p in DURING_A[i]], expected=[0, 0])
@@ -253,7 +257,7 @@ def test_exporter_sigkilled_mid_batch(engines, cluster, kills, tiny_model_dir):
     copies are held back (test stall) until after the kill. B's outputs equal the
     reference, the imports that finished before the kill count, and B keeps serving."""
     b, x = engines["B"], engines["X1"]
-    settle(cluster)  # all of X1-X3 up and registered: the kill below must come on time
+    settle(cluster)  # X1 and X2 up and registered: the kill below must come on time
     x.generate(KILL_SET, max_tokens=OUT)
     wait_exports(cluster, "X1", KILL_SET)
     batch = [p + fresh(20) for p in KILL_SET]
@@ -262,6 +266,7 @@ def test_exporter_sigkilled_mid_batch(engines, cluster, kills, tiny_model_dir):
     handle = b.generate_async(batch, max_tokens=MAX_TOKENS, options=[{}] * 4 + [stall] * 4)
     time.sleep(1.5)
     kill_and_check(cluster, "X1", kills)
+    start_exporter(cluster, "X3", tiny_model_dir)  # for the next test
     got = b.collect(handle)
     ref = recompute(b, batch)
     bad = [i for i, (g, w) in enumerate(zip(got, ref, strict=True)) if g.token_ids != w.token_ids]
@@ -275,11 +280,11 @@ def test_exporter_sigkilled_mid_batch(engines, cluster, kills, tiny_model_dir):
 
 
 def test_exporters_started_and_killed_leave_nothing(engines, cluster, kills, tiny_model_dir):
-    """Exporters come and go: X1 died above, then X2 and X3 die in turn. Each one's
-    imports are right while it lives. After each SIGKILL: B's fds are back where they were
-    after the first kill; the registry lists only the live engines, no entry or lease of a
-    dead one, its fds drop by the same count with each engine gone (a dead engine leaves
-    none behind) and its RSS does not grow."""
+    """Exporters come and go: X1 died above with X2 alive, X2 dies with X3 alive, then X3.
+    Each one's imports are right while it lives. After each SIGKILL: B's fds are back where
+    they were after the first kill; the registry lists only the live engines and no entry
+    or lease of a dead one; its fds after X2's kill equal those after X1's (as many engines
+    alive) and drop by one engine's share after X3's; its RSS does not grow."""
     b = engines["B"]
     for name in ("X1", *CHURN):
         start_exporter(cluster, name, tiny_model_dir)
@@ -293,11 +298,11 @@ def test_exporters_started_and_killed_leave_nothing(engines, cluster, kills, tin
         kill_and_check(cluster, name, kills)
     assert [k["name"] for k in kills] == ["X1", "X2", "X3"]
     first, second, last = kills
-    assert [k["alive"] for k in kills] == [["A", "B", "X2", "X3"], ["A", "B", "X3"], ["A", "B"]]
-    assert [k["holders"] for k in kills] == [4, 3, 2]
+    assert [k["alive"] for k in kills] == [["A", "B", "X2"], ["A", "B", "X3"], ["A", "B"]]
+    assert [k["holders"] for k in kills] == [3, 3, 2]
     assert all(k["entries_of_no_holder"] == 0 and k["leases"] == 0 for k in kills), kills
     assert max(k["b_fds"] for k in kills) <= first["b_fds"] + 2, kills
-    # X2 and X3 were in the same state (booted, idle) at the kills before their own
-    per_engine = first["registry_fds"] - second["registry_fds"]
-    assert per_engine > 0 and second["registry_fds"] - last["registry_fds"] == per_engine, kills
+    # X2 at the first kill and X3 at the second were in the same state: booted, idle
+    assert second["registry_fds"] == first["registry_fds"], kills
+    assert last["registry_fds"] < second["registry_fds"], kills
     assert last["registry_rss_kib"] <= first["registry_rss_kib"] + 2048, kills
