@@ -11,8 +11,11 @@
 #   transport  benchmarks/transport_bench.py --sweep (kernel launch shapes, host_shm rows)
 #   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
 #   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
+#   soak     benchmarks/soak.py: >= 10k import cycles A -> B checked against R, resources at
+#            start and end (timeout 420 s, so "install soak" fits one 580 s call)
 #
 # Example (second transfer): bash benchmarks/gpu_session.sh install tests demo
+#                            bash benchmarks/gpu_session.sh install soak
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/kvmkt-out}
@@ -73,6 +76,13 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       if [ "${KVMKT_TRACE:-}" = 1 ]; then
         run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
       fi
+      ;;
+    soak)
+      run soak timeout -k 10 ${SOAK_TIMEOUT_S:-420} python3 benchmarks/soak.py \
+        --cycles ${SOAK_CYCLES:-10000} --deadline-s $(( ${SOAK_TIMEOUT_S:-420} - 40 )) \
+        --workdir /tmp/kvmkt-soak
+      mkdir -p "$OUT/logs"
+      for f in /tmp/kvmkt-soak/engine-*.log; do cp "$f" "$OUT/logs/soak-$(basename "$f")"; done
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -44,6 +44,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
                                       "Lookups or exports skipped: registry unreachable."),
     "exported_pages": (GAUGE, "vllm:kvmkt_exported_pages",
                        "Pages this instance currently offers to others."),
+    "mapped_regions": (GAUGE, "vllm:kvmkt_mapped_regions",
+                       "Neighbours' page regions (host_shm files, CUDA IPC allocations) mapped."),
     "import_seconds": (HISTOGRAM, "vllm:kvmkt_import_seconds",
                        "Time to copy one import job's pages (per worker)."),
 }

@@ -16,6 +16,7 @@ import pytest
 
 from kvmkt_connector.demo.engine_process import EngineProcess
 from kvmkt_connector.demo.tiny_model import write_tiny_llama
+from kvmkt_connector.registry.autostart import registry_listening
 from kvmkt_connector.registry.client import RegistryClient
 
 CONNECTOR = "MarketplaceConnector"
@@ -29,16 +30,21 @@ class Cluster:
         regdir = os.path.join(workdir, "reg")
         os.makedirs(regdir, mode=0o700)
         self.socket = os.path.join(regdir, "registry.sock")
-        with open(os.path.join(workdir, "registry.log"), "w") as log:
+        self.start_registry()
+        self.engines: dict[str, EngineProcess] = {}
+
+    def start_registry(self) -> None:
+        """Start (or, after it was killed, restart) the registry at our socket."""
+        with open(os.path.join(self.workdir, "registry.log"), "a") as log:
             self.registry = subprocess.Popen(
                 [sys.executable, "-m", "kvmkt_connector.registry", "serve", "--socket", self.socket],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 30
-        while not os.path.exists(self.socket):
+        while not registry_listening(self.socket):
             assert time.monotonic() < deadline, "registry did not start"
+            assert self.registry.poll() is None, "registry exited at start"
             time.sleep(0.05)
-        self.engines: dict[str, EngineProcess] = {}
 
     def client(self) -> RegistryClient:
         return RegistryClient.connect(self.socket, client_name="pytest", autostart=False)

@@ -106,6 +106,8 @@ class ImportPlanner:
         trace(logger, request.request_id, "keyed")
         self._stats.count("lookups")
         hint = self._link.hint(candidates)
+        if hint is None:  # no registry: counted as such, not as a miss
+            return 0
         if hint < self._min_blocks:
             self._stats.count("fallback_miss")
             return 0

@@ -19,6 +19,7 @@ stall (``stall_s``) is bounded by the request's own parameter.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ class LoadRunner:
         self._failed_now: list[tuple[LoadJob, str]] = []
         self._tables: dict[str, GenerationTable] = {}
         self._holders: dict[bytes, HolderDescriptor] = {}
+        self._next_table_check = 0.0
 
     # ------------------------------------------------------------ issue
 
@@ -242,7 +244,18 @@ class LoadRunner:
         self._loads = still
         if self._ipc is not None:
             self._ipc.sweep()
+        self._forget_gone_tables()
         return out
+
+    def _forget_gone_tables(self) -> None:
+        """Drop generation tables whose file is gone (the holder went), at most once a
+        second; not closed: a copy in flight may still check one, unmapped once unreferenced."""
+        now = time.monotonic()
+        if now < self._next_table_check or not self._tables:
+            return
+        self._next_table_check = now + 1.0
+        for path in [p for p in self._tables if not os.path.exists(p)]:
+            del self._tables[path]
 
     def _report(self, out: LoadResults, job: LoadJob, failure: str | None) -> None:
         trace(logger, job.request_id, "copied" if failure is None else "copy failed")

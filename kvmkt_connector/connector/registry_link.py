@@ -108,12 +108,13 @@ class RegistryLink:
         self._stats.count("fallback_registry_unavailable")
         return None
 
-    def hint(self, keys: list[bytes]) -> int:
+    def hint(self, keys: list[bytes]) -> int | None:
         """Shared-memory bound on the longest run (no round trip; >= the exact run, which
-        the lease then returns); 0 when unknown."""
+        the lease then returns); 0 when unknown; None (counted) when no registry is reachable."""
         client = self._connected()
         if client is None:
-            return 0
+            self._stats.count("fallback_registry_unavailable")
+            return None
         try:
             return client.run_bound_hint(keys, exclude_bit=self.own_holder_bit)
         except Exception as e:  # a torn or re-mapped table: the lease would decide anyway

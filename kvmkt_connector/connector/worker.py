@@ -241,7 +241,15 @@ class MarketplaceWorker:
         return done if done else None
 
     def take_stats(self) -> MarketplaceStats | None:
+        mapped = self.mapped_regions()
+        if mapped or "mapped_regions" in self._stats.data["g"]:
+            self._stats.gauge("mapped_regions", mapped)
         return self._stats.take()
+
+    def mapped_regions(self) -> int:
+        """Neighbours' regions this worker maps now (they must go with their holders)."""
+        n = self._importer.mapped_regions if self._importer is not None else 0
+        return n + (self._ipc_importer.mapped_handles if self._ipc_importer is not None else 0)
 
     def shutdown(self) -> None:
         if self._loads is not None:

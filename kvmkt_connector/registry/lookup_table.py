@@ -33,7 +33,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -104,6 +104,43 @@ def _linear_probe_layout(fps: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.
     rank = np.arange(len(fps), dtype=np.int64)
     positions = rank + np.maximum.accumulate(homes[order] - rank)
     return order, positions
+
+
+def stale_tables(directory: str, pid_alive: Callable[[int], bool]) -> list[str]:
+    """This user's lookup tables in ``directory`` whose server is gone (a SIGKILLed registry
+    cannot unlink its table, and one at another socket path never replaces it), and
+    temporary files its rebuild left. The server's pid is in the header (tables) or the
+    name (temporaries); a file we cannot read as a table is left alone."""
+    prefix = f"kvmkt-{os.getuid()}-"
+    stale = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return stale
+    for name in names:
+        if not name.startswith(prefix) or ".table" not in name or "-holder-" in name:
+            continue
+        path = os.path.join(directory, name)
+        tail = name.rpartition(".table")[2]
+        if tail.startswith(".tmp") and tail[4:].isdigit():
+            pid = int(tail[4:])
+        elif tail == "":
+            try:
+                with open(path, "rb", opener=_nofollow) as f:
+                    magic, _, _, _, _, pid = HEADER.unpack(f.read(HEADER.size))
+            except (OSError, struct.error):
+                continue
+            if magic != MAGIC:
+                continue
+        else:
+            continue
+        if not pid_alive(pid):
+            stale.append(path)
+    return stale
+
+
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
 
 
 class LookupTableWriter:

@@ -135,13 +135,20 @@ def is_holder_file(path: str) -> bool:
     )
 
 
+def holder_file_pid(path: str) -> int | None:
+    """The creating process of a holder file named by ``holder_file``, else None."""
+    prefix = f"kvmkt-{os.getuid()}-holder-"
+    name = os.path.basename(path)
+    pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+    return int(pid) if pid.isdigit() else None
+
+
 def holder_file_dirs() -> list[str]:
     return [d for d in (SHM_DIR, "/tmp") if os.path.isdir(d)]
 
 
 def stale_holder_files(pid_alive: Callable[[int], bool]) -> list[str]:
     """Holder files of this user whose process is gone."""
-    prefix = f"kvmkt-{os.getuid()}-holder-"
     stale = []
     for directory in holder_file_dirs():
         try:
@@ -149,9 +156,7 @@ def stale_holder_files(pid_alive: Callable[[int], bool]) -> list[str]:
         except OSError:
             continue
         for name in names:
-            if not name.startswith(prefix):
-                continue
-            pid = name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not pid_alive(int(pid)):
+            pid = holder_file_pid(os.path.join(directory, name))
+            if pid is not None and not pid_alive(pid):
                 stale.append(os.path.join(directory, name))
     return stale

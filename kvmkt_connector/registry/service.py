@@ -29,7 +29,7 @@ from . import paths
 from .dispatch import RequestDispatcher, Session
 from .framing import FrameDecoder, FrameError, decode_request, encode_frame
 from .index import PrefixRegistry
-from .lookup_table import LookupTableWriter
+from .lookup_table import LookupTableWriter, stale_tables
 from .protocol import ErrorReply, Reply
 
 log = logging.getLogger(__name__)
@@ -108,9 +108,13 @@ class RegistryServer:
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ, None)
         # Files of holders that died while no registry (or a crashed one) watched them.
-        removed = [p for p in paths.stale_holder_files(pid_alive) if paths.unlink_owned_file(p)]
+        # Tables of registries that died (SIGKILL) at any socket path: 8 MB each otherwise.
+        stale = paths.stale_holder_files(pid_alive) + stale_tables(
+            os.path.dirname(self._table.path), pid_alive)
+        removed = [p for p in stale if paths.unlink_owned_file(p)]
         if removed:
-            log.info("removed %d files of dead holders: %s", len(removed), ", ".join(removed))
+            log.info("removed %d files of dead holders and registries: %s", len(removed),
+                     ", ".join(removed))
         if self.metrics_port is not None:
             from .metrics import start_metrics_server
 

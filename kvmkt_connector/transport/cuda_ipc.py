@@ -154,6 +154,11 @@ class CudaIpcImporter:
     def load(self, desc: CudaIpcDescriptor, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> torch.cuda.Event:
         return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
 
+    @property
+    def mapped_handles(self) -> int:
+        """Holders' KV cache allocations mapped now (a soak checks this stays flat)."""
+        return len(self._mapped)
+
     def sweep(self) -> None:
         """Close mappings of dead or idle exporters that no copy in flight uses (checked at
         most once a second: it runs every step)."""

@@ -17,13 +17,16 @@ import contextlib
 import mmap
 import os
 import struct
+import threading
+import time
 
 import numpy as np
 import torch
 
 from kvmkt_connector.logs import get_logger
+from kvmkt_connector.registry.paths import holder_file_pid
 from kvmkt_connector.transport import cuda_driver as cu
-from kvmkt_connector.transport.descriptors import HostShmDescriptor, TransferError
+from kvmkt_connector.transport.descriptors import HostShmDescriptor, TransferError, process_alive
 from kvmkt_connector.transport.layout import KVPageLayout
 from kvmkt_connector.transport.page_copy import PageCopier, SegmentTable
 
@@ -33,6 +36,8 @@ _HEADER = struct.Struct("<8sIQ")  # magic, version, num_slots
 _VERSION = 1
 _ALIGN = 4096
 MAX_MAPPED_REGIONS = 16  # importers keep at most this many holders' regions mapped
+SWEEP_S = 1.0  # how often an importer looks for regions of holders that went
+IDLE_CLOSE_S = 60.0  # a region unused this long is unmapped (re-opened on the next import)
 logger = get_logger(__name__)
 
 
@@ -66,6 +71,7 @@ class HostPageRegion:
     def __init__(self, descriptor: HostShmDescriptor, fd: int, owner: bool) -> None:
         self.descriptor = descriptor
         self.owner = owner
+        self.inode = 0  # set by open(): a file replaced under the same path is another one
         size, offsets = _file_size(descriptor.num_slots, descriptor.segment_bytes)
         try:
             self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -115,7 +121,9 @@ class HostPageRegion:
         )[0]:
             os.close(fd)
             raise TransferError(f"{descriptor.path} is not a page region of this user")
-        return cls(descriptor, fd, owner=False)
+        region = cls(descriptor, fd, owner=False)
+        region.inode = st.st_ino
+        return region
 
     def register_with_cuda(self) -> int:
         """Page-lock the mapping and map it into the GPU's address space (once): the copy
@@ -225,12 +233,27 @@ class HostShmExporter:
 
 
 class HostShmImporter:
-    """Worker side of an importing instance: holders' region slots -> KV cache pages."""
+    """Worker side of an importing instance: holders' region slots -> KV cache pages.
+
+    A mapped region pins its file's memory even after the holder died and the file was
+    unlinked, so a background thread closes, within ``SWEEP_S``, regions whose file is gone
+    or replaced or whose creator died, and those unused for ``IDLE_CLOSE_S`` (an idle
+    engine runs no steps, so this cannot wait for the next load). A lock keeps it from
+    closing a region a copy is reading.
+    """
 
     def __init__(self, layout: KVPageLayout) -> None:
         self.layout = layout
         self._regions: dict[str, HostPageRegion] = {}
         self._direct = _DirectCopies(layout)
+        self._last_used: dict[str, float] = {}
+        self._lock = threading.Lock()  # the sweeper closes regions: never under a copy
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    @property
+    def mapped_regions(self) -> int:
+        return len(self._regions)
 
     def _region(self, descriptor: HostShmDescriptor) -> HostPageRegion:
         region = self._regions.pop(descriptor.path, None)
@@ -241,8 +264,13 @@ class HostShmImporter:
                 raise TransferError("holder's page segments differ from ours")
             region = HostPageRegion.open(descriptor)
             while len(self._regions) >= MAX_MAPPED_REGIONS:  # e.g. regions of dead holders
-                self._close(self._regions.pop(next(iter(self._regions))))
+                self._forget_locked(next(iter(self._regions)))
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True,
+                                                 name="kvmkt-shm-sweep")
+                self._sweeper.start()
         self._regions[descriptor.path] = region  # most recently used last
+        self._last_used[descriptor.path] = time.monotonic()
         return region
 
     def _close(self, region: HostPageRegion) -> None:
@@ -254,6 +282,12 @@ class HostShmImporter:
     ) -> None:
         """Copy and wait (on the current stream when on a GPU): the slot keys are checked
         before and after, so a slot rewritten meanwhile fails the load."""
+        with self._lock:
+            self._load(descriptor, slots, keys, block_ids)
+
+    def _load(
+        self, descriptor: HostShmDescriptor, slots: list[int], keys: list[bytes], block_ids: list[int]
+    ) -> None:
         region = self._region(descriptor)
         if max(slots) >= descriptor.num_slots or min(slots) < 0:
             raise TransferError("slot out of range")
@@ -273,11 +307,43 @@ class HostShmImporter:
         if not np.array_equal(region.keys[slot_idx], expected):
             raise TransferError("holder rewrote slots during the copy")
 
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Close the regions of holders that are gone (or idle); returns their paths."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            gone = [path for path, region in self._regions.items()
+                    if now - self._last_used[path] > IDLE_CLOSE_S or not _still_there(region)]
+            for path in gone:
+                self._forget_locked(path)
+        return gone
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(SWEEP_S):
+            self.sweep()
+
     def forget(self, path: str) -> None:
+        with self._lock:
+            self._forget_locked(path)
+
+    def _forget_locked(self, path: str) -> None:
         region = self._regions.pop(path, None)
+        self._last_used.pop(path, None)
         if region is not None:
             self._close(region)
 
     def close(self) -> None:
-        for path in list(self._regions):
-            self.forget(path)
+        self._stop.set()
+        with self._lock:
+            for path in list(self._regions):
+                self._forget_locked(path)
+
+
+def _still_there(region: HostPageRegion) -> bool:
+    """The region's file is the one we mapped and the process that made it lives."""
+    try:
+        if os.stat(region.descriptor.path).st_ino != region.inode:
+            return False
+    except OSError:
+        return False
+    pid = holder_file_pid(region.descriptor.path)
+    return pid is None or process_alive(pid)

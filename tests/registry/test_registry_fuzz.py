@@ -1,6 +1,7 @@
 """Fuzz: 10,000+ random and mutated frames from several connections at once against a live
-registry, while a valid holder and a valid importer keep working. The daemon must stay up,
-answer every valid request correctly, and keep its memory bounded."""
+registry, while a valid holder and a valid importer keep working and 64 more clients sit
+halfway through a frame. The daemon must stay up, answer every valid request correctly,
+and keep its memory bounded."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from kvmkt_connector.registry.protocol import (
 
 FRAMES = 10_000
 FUZZERS = 4
+STALLED_CLIENTS = 64
 NS = namespace("fuzz")
 _OPS = ["hello", "register_holder", "publish", "lookup", "lease", "release_leases", "reclaim",
         "unpublish", "sync", "list_holders", "status", "nonsense"]
@@ -69,7 +71,7 @@ def _valid_but_misplaced(rng: random.Random) -> bytes:
 
 
 def _fuzz_frame(rng: random.Random) -> bytes:
-    choice = rng.randrange(6)
+    choice = rng.randrange(7)
     if choice == 0:  # random bytes under a plausible length
         body = rng.randbytes(rng.randrange(0, 300))
         return struct.pack(">I", len(body)) + body
@@ -81,8 +83,13 @@ def _fuzz_frame(rng: random.Random) -> bytes:
                 fields[name] = _random_value(rng)
         body = msgspec.msgpack.encode(fields)
         return struct.pack(">I", len(body)) + body
-    if choice == 2:  # huge or absurd lengths
+    if choice == 2:  # huge or absurd lengths (>= 1 << 31: negative as a signed int)
         return struct.pack(">I", rng.choice([0xFFFFFFFF, 1 << 31, (8 << 20) + 1, 0]))
+    if choice == 6:  # a small frame whose msgpack claims a huge (or "negative") container
+        head = rng.choice([b"\xdd", b"\xdf", b"\xc6", b"\xdb"])  # array32 map32 bin32 str32
+        body = b"\x82\xa2op" + rng.choice([b"\xa6lookup", b"\xa5lease"]) + b"\xa4keys" + head
+        body += struct.pack(">I", rng.choice([0xFFFFFFFF, 1 << 31, 1 << 28])) + rng.randbytes(8)
+        return struct.pack(">I", len(body)) + body
     if choice == 3:  # truncated: the header promises more than comes
         body = rng.randbytes(rng.randrange(1, 100))
         return struct.pack(">I", len(body) + rng.randrange(1, 1000)) + body
@@ -161,6 +168,16 @@ def test_fuzzed_frames_never_hurt_valid_clients(registry):
                 errors.append(f"{type(e).__name__}: {e}")
                 return
 
+    # Many clients at once besides the fuzzers: connections that greet and then stall
+    # halfway through a frame, kept open the whole time.
+    stalled = []
+    for _ in range(STALLED_CLIENTS):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(registry.socket_path)
+        frame = encode_frame(Lookup(NS, keys))
+        sock.sendall(encode_frame(Hello(PROTOCOL_VERSION, "stalled", os.getpid()))
+                     + frame[: len(frame) // 2])
+        stalled.append(sock)
     sent = [[0] for _ in range(FUZZERS)]
     threads = [threading.Thread(target=_fuzzer, args=(registry.socket_path, i, FRAMES // FUZZERS, sent[i]))
                for i in range(FUZZERS)]
@@ -177,6 +194,10 @@ def test_fuzzed_frames_never_hurt_valid_clients(registry):
     good.join(30)
     total = sum(s[0] for s in sent)
     assert registry.proc.poll() is None, "the registry died"
+    with registry.connect("late") as late:  # a new client is served with them all open
+        assert late.lookup(NS, keys[:5]) == (importer.lease(NS, keys, 1000).holder_id, 5)
+    for sock in stalled:
+        sock.close()
     assert not errors, errors[:5]
     assert total >= FRAMES and answered[0] > 0
     assert importer.lookup(NS, keys) == (importer.lease(NS, keys, 1000).holder_id, 64)

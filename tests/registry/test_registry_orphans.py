@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from registry_helpers import RegistryProcess
+
 from kvmkt_connector.registry.paths import holder_file, holder_file_dirs
 
 
@@ -29,3 +31,35 @@ def test_starting_registry_removes_dead_holders_files(start_registry):
         for path in (stale, live):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_starting_registry_removes_a_sigkilled_registrys_lookup_table(socket_dir):
+    """A SIGKILLed registry cannot unlink its lookup table (8 MB in /dev/shm); the next
+    registry to start on the node does, whatever socket it serves, and leaves a live
+    registry's table alone."""
+    first = RegistryProcess(os.path.join(socket_dir, "a.sock"), "--capacity", "100")
+    live = RegistryProcess(os.path.join(socket_dir, "b.sock"), "--capacity", "100")
+    try:
+        with first.connect() as c:
+            dead_table = c.lookup_table_path
+        with live.connect() as c:
+            live_table = c.lookup_table_path
+        tmp_left = f"{live_table}.tmp{first.proc.pid}"  # a rebuild cut short by the kill
+        open(tmp_left, "wb").close()
+        assert os.path.exists(dead_table) and dead_table != live_table
+        first.proc.kill()
+        first.proc.wait(10)
+        assert os.path.exists(dead_table), "the killed registry's table is gone already"
+        third = RegistryProcess(os.path.join(socket_dir, "c.sock"), "--capacity", "100")
+        try:
+            with third.connect() as c:
+                c.status()  # up: its start-up sweep ran
+                own = c.lookup_table_path
+            assert not os.path.exists(dead_table), "a dead registry's table outlived it"
+            assert not os.path.exists(tmp_left)
+            assert os.path.exists(live_table) and os.path.exists(own)
+        finally:
+            third.stop()
+    finally:
+        first.stop()
+        live.stop()

@@ -83,3 +83,55 @@ def test_layout_mismatch_is_refused(region):
     importer = HostShmImporter(KVPageLayout({"x": torch.zeros(NB, H, BS, D)}, NB))
     with pytest.raises(TransferError, match="segments differ"):
         importer.load(region.descriptor, [0], [b"A" * 16], [0])
+
+
+
+def _mapped_inodes() -> set[int]:
+    with open("/proc/self/maps") as f:
+        return {int(line.split()[4]) for line in f if "kvmkt" in line}
+
+
+def test_regions_of_gone_holders_are_unmapped_within_seconds():
+    """An importer unmaps a region (which pins its memory even once unlinked) within
+    seconds when its file is unlinked or replaced, or when the process named in it died,
+    with no further import to trigger it; a live holder's region stays mapped."""
+    import subprocess
+    import sys
+    import time
+
+    from kvmkt_connector.registry.paths import holder_file
+
+    layout = KVPageLayout(_caches(0), NB)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = f"test{os.getpid()}"
+    pids = {"unlinked": os.getpid(), "replaced": os.getpid(), "dead": dead.pid,
+            "live": os.getpid()}
+    regions = {name: HostPageRegion.create(holder_file("/dev/shm", pid, tag + name), 4,
+                                           layout.segment_bytes)
+               for name, pid in pids.items()}
+    importer = HostShmImporter(KVPageLayout(_caches(1), NB))
+    try:
+        inodes = {}
+        for name, r in regions.items():
+            HostShmExporter(layout, r).save([3], [1], [b"K" * 16])
+            importer.load(r.descriptor, [1], [b"K" * 16], [0])
+            inodes[name] = os.stat(r.descriptor.path).st_ino
+        assert importer.mapped_regions == 4 and set(inodes.values()) <= _mapped_inodes()
+        regions["dead"].owner = False  # its creator "died": the file stays, nobody unlinks it
+        for name in ("unlinked", "replaced", "dead"):
+            regions[name].close()
+        path = regions["replaced"].descriptor.path
+        regions["replaced"] = HostPageRegion.create(path, 4, layout.segment_bytes)
+        gone = {inodes[n] for n in ("unlinked", "replaced", "dead")}
+        t0 = time.monotonic()
+        while gone & _mapped_inodes():
+            assert time.monotonic() - t0 < 5, "regions of gone holders still mapped after 5 s"
+            time.sleep(0.1)
+        assert importer.mapped_regions == 1 and inodes["live"] in _mapped_inodes()
+    finally:
+        importer.close()
+        regions["dead"].owner = True
+        for r in regions.values():
+            r.close()
+        os.path.exists(regions["dead"].descriptor.path) and os.unlink(regions["dead"].descriptor.path)
