@@ -144,6 +144,10 @@ class CudaIpcImporter:
         self._inflight.append((event, list(handles), keep))
         return event
 
+    def launch_only(self, plan: PeerCopyPlan, ids_on_device: torch.Tensor) -> None:
+        """The kernel with the block ids already on the GPU (benchmarks time it alone)."""
+        self._copier.launch(plan.table, ids_on_device, plan.page_bytes)
+
     def execute_addresses(self, plan: PeerCopyPlan) -> torch.cuda.Event:
         """The same copy with every page address computed on the host (benchmark baseline)."""
         src, dst = plan.addresses()

@@ -74,22 +74,26 @@ class PageCopier:
         """Enqueue on the current stream; returns its event and what must live until then."""
         if page_bytes % 16:
             raise TransferError("pages must be a multiple of 16 bytes")
-        stream = torch.cuda.current_stream(self.device)
         pinned = torch.from_numpy(ids).pin_memory()
         on_device = pinned.to(self.device, non_blocking=True)
-        n_blocks = ids.shape[1]
+        self.launch(table, on_device, page_bytes)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event, (pinned, on_device, table)
+
+    def launch(self, table: SegmentTable, ids_on_device: torch.Tensor, page_bytes: int) -> None:
+        """The kernel alone, on the current stream, with the block ids already on the GPU."""
+        n_blocks = int(ids_on_device.shape[1])
         n_pages = n_blocks * table.num_segments
         if n_pages:
             cu.launch(
                 self._blocks_kernel, max(1, min(n_pages, self._max_grid)), self._threads,
-                stream.cuda_stream,
-                [(table.on_device.data_ptr(), ctypes.c_void_p), (on_device.data_ptr(), ctypes.c_void_p),
+                torch.cuda.current_stream(self.device).cuda_stream,
+                [(table.on_device.data_ptr(), ctypes.c_void_p),
+                 (ids_on_device.data_ptr(), ctypes.c_void_p),
                  (n_blocks, ctypes.c_uint32), (table.num_segments, ctypes.c_uint32),
                  (page_bytes, ctypes.c_uint64)],
             )
-        event = torch.cuda.Event()
-        event.record(stream)
-        return event, (pinned, on_device, table)
 
     def copy_addresses(self, src: np.ndarray, dst: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
         """The same with every page address given (the benchmark's baseline)."""
