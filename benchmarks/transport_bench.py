@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     base_name = "torch D2D copy 1 GiB (peak)" if args.same_gpu else "torch peer copy 1 GiB (peak)"
     for name, key, size in ((base_name, "peer_1gib_s", 1.0737),
                             ("kvmkt kernel (prepared plan)", "kernel_s", gb),
-                            ("page-address kernel (host plan)", "addr_kernel_s", gb),
+                            ("addresses from the host (+ list, H2D)", "addr_kernel_s", gb),
                             ("kvmkt load() end to end", "load_s", gb),
                             ("cuMemcpyBatchAsync (lists)", "batch_memcpy_s", gb)):
         t = full.get(key)
