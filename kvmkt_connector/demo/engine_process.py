@@ -25,6 +25,7 @@ class Completion:
     imported_tokens: int  # from the connector's kv_transfer_params; -1: connector off
     first_logprob: float | None
     seconds: float  # wall time of the generate call this completion came from
+    kv_transfer_params: dict[str, Any] | None = None  # all connectors' (P/D hand-off)
 
 
 def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path: str | None) -> None:
@@ -110,12 +111,13 @@ def _generate(llm: Any, inputs: list, sps: list, logprobs: int | None) -> list[C
     result = []
     for o in outs:
         c = o.outputs[0]
-        kvp = (o.kv_transfer_params or {}).get("kvmkt")
+        params = o.kv_transfer_params
+        kvp = (params or {}).get("kvmkt")
         lp = None
         if logprobs is not None and c.logprobs:
             lp = float(c.logprobs[0][c.token_ids[0]].logprob)
         imported = kvp["imported_tokens"] if kvp else -1
-        result.append(Completion(list(c.token_ids), imported, lp, dt))
+        result.append(Completion(list(c.token_ids), imported, lp, dt, params))
     return result
 
 
