@@ -92,7 +92,8 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
                     "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
                 }))
             elif cmd == "metrics":
-                conn.send(("ok", [(m.name, getattr(m, "value", None)) for m in llm.get_metrics()]))
+                conn.send(("ok", [(m.name, getattr(m, "value", getattr(m, "count", None)))
+                                  for m in llm.get_metrics()]))  # histograms: their count
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache(**args)))
             elif cmd == "stop":
