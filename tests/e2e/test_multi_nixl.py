@@ -59,9 +59,6 @@ def test_nixl_prefill_decode_with_marketplace_members(engines, cluster):
     """P prefills, D pulls the KV over NIXL and decodes; D exports into the marketplace,
     E imports D's blocks (longer than anything P saw). Everything equals R."""
     p, d, e, r = (engines[n] for n in "PDER")
-    for name in "PD":  # our half got its workers' layouts: no shared handshake needed
-        log = cluster.log(name)
-        assert "kvmkt: namespace" in log and "sharing disabled" not in log
     before = settled_published(cluster)
     decoded = []
     for prompt in PD_PROMPTS:
@@ -74,6 +71,9 @@ def test_nixl_prefill_decode_with_marketplace_members(engines, cluster):
         (ref,) = r.generate([prompt], max_tokens=MAX_TOKENS)
         assert dec.token_ids == ref.token_ids
         decoded.append(prompt + dec.token_ids)
+    for name in "PD":  # our half got its workers' layouts: no shared handshake needed
+        log = cluster.log(name)  # (logged when the first request's step brought them)
+        assert "kvmkt: namespace" in log and "sharing disabled" not in log
     dm = d.metrics()
     # NIXL brought the prefill's KV (external hits), not a local recompute.
     assert dm["vllm:external_prefix_cache_hits"] >= sum(len(x) - BS for x in PD_PROMPTS)
