@@ -26,6 +26,7 @@ class Completion:
     first_logprob: float | None
     seconds: float  # wall time of the generate call this completion came from
     kv_transfer_params: dict[str, Any] | None = None  # all connectors' (P/D hand-off)
+    cached_tokens: int = 0  # prompt tokens not computed here: local prefix hits + loaded
 
 
 def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path: str | None) -> None:
@@ -118,7 +119,8 @@ def _generate(llm: Any, inputs: list, sps: list, logprobs: int | None) -> list[C
         if logprobs is not None and c.logprobs:
             lp = float(c.logprobs[0][c.token_ids[0]].logprob)
         imported = kvp["imported_tokens"] if kvp else -1
-        result.append(Completion(list(c.token_ids), imported, lp, dt, params))
+        result.append(Completion(list(c.token_ids), imported, lp, dt, params,
+                                 o.num_cached_tokens or 0))
     return result
 
 

@@ -70,15 +70,17 @@ def test_nixl_prefill_decode_with_marketplace_members(engines, cluster):
                             options=[{"kv_transfer_params": copy.deepcopy(params)}])
         (ref,) = r.generate([prompt], max_tokens=MAX_TOKENS)
         assert dec.token_ids == ref.token_ids
+        # D never saw the prompt: what it did not compute, NIXL brought from P.
+        assert dec.cached_tokens >= len(prompt) - BS, dec.cached_tokens
         decoded.append(prompt + dec.token_ids)
     for name in "PD":  # our half got its workers' layouts: no shared handshake needed
         log = cluster.log(name)  # (logged when the first request's step brought them)
         assert "kvmkt: namespace" in log and "sharing disabled" not in log
     dm = d.metrics()
-    # NIXL brought the prefill's KV (external hits), not a local recompute.
-    assert dm["vllm:external_prefix_cache_hits"] >= sum(len(x) - BS for x in PD_PROMPTS)
-    assert dm["vllm:nixl_xfer_time_seconds"] >= len(PD_PROMPTS)  # NIXL's stats, via Multi
-    assert dm["vllm:nixl_num_failed_transfers"] == 0
+    # Both children's metrics are there. (Offline LLM drops the stats of steps without
+    # request outputs, such as those that finish a NIXL transfer: NIXL's counts may be
+    # low there; the per-request cached_tokens above is the reliable signal.)
+    assert "vllm:nixl_xfer_time_seconds" in dm and dm["vllm:nixl_num_failed_transfers"] == 0
     assert dm["vllm:kvmkt_lookups"] >= len(PD_PROMPTS)  # our half ran beside NIXL
     # P exports its prompts' blocks, D its prompts' and decoded tokens' blocks.
     cluster.wait_published(before + sum(blocks_of(len(x)) for x in PD_PROMPTS)
