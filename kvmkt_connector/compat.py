@@ -7,7 +7,7 @@ log line a user reads when sharing does not happen.
 
 Model-level fields come from the ``VllmConfig`` (the same in the scheduler and the workers);
 the KV layout comes from the tensors the workers registered and reaches the scheduler
-through vLLM's handshake metadata.
+in the workers' first connector metadata (metadata.MarketplaceHandshake).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${KVMKT_VENV:-.venv}
-stamp_src=$(cat requirements/cpu.txt pyproject.toml scripts/setup_cpu_env.sh | sha256sum | cut -c1-16)
+stamp_src=$(cat requirements/cpu.txt requirements/dev.txt pyproject.toml scripts/setup_cpu_env.sh | sha256sum | cut -c1-16)
 if [[ -f "$VENV/.kvmkt-stamp" && "$(cat "$VENV/.kvmkt-stamp")" == "$stamp_src" ]]; then
   # Only the project itself may have changed: refresh the editable install (fast).
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null

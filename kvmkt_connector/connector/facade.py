@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
-    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata, MarketplaceHandshake
+from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplacePromMetrics, MarketplaceStats
+from kvmkt_connector.plugin import register as register_connector_name
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -56,6 +56,47 @@ def _undo_deferred_block_free(scheduler: Any, connector: MarketplaceConnector) -
         logger.info("kvmkt: block frees are not deferred (our loads are stream-ordered)")
 
 
+def _multi_connector_parent() -> Any:
+    """The MultiConnector constructing us, if any (its __init__ is a few frames up; it
+    keeps the top-level config, the one vLLM's scheduler reads). vLLM hands a child only
+    a copy of the config with the child's own kv_transfer_config."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiConnector
+
+    frame = sys._getframe(1)
+    for _ in range(4):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if isinstance(frame.f_locals.get("self"), MultiConnector):
+            return frame.f_locals["self"]
+    return None
+
+
+def _ensure_recompute_policy(tc: Any, imports: bool) -> None:
+    """Our imports are asynchronous and a failed one is reported as load errors: only
+    kv_load_failure_policy "recompute" turns that into a normal prefill ("fail" fails the
+    request). vLLM reads the policy of the top-level kv_transfer_config right after
+    building the scheduler-side connector."""
+    parent = _multi_connector_parent()
+    if parent is None:  # we are the top level
+        if tc.kv_load_failure_policy != "recompute":
+            tc.kv_load_failure_policy = "recompute"
+            logger.info("kvmkt: kv_load_failure_policy set to 'recompute' (was 'fail')")
+        return
+    top = parent._vllm_config.kv_transfer_config
+    if imports and top.kv_load_failure_policy != "recompute":
+        # Not switched for the siblings: it would change how their failures end.
+        raise ValueError(
+            "MarketplaceConnector under MultiConnector needs the top-level "
+            "kv_transfer_config.kv_load_failure_policy to be \"recompute\" (it is "
+            f"{top.kv_load_failure_policy!r}): a failed marketplace import is reported as a "
+            "load error, and \"fail\" would fail the request instead of recomputing it. Set "
+            "\"kv_load_failure_policy\": \"recompute\" next to \"kv_connector\": "
+            "\"MultiConnector\" (or give MarketplaceConnector kv_role \"kv_producer\" or "
+            "kv_connector_extra_config enable_import=false, so it never imports)."
+        )
+
+
 class MarketplaceConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -68,11 +109,8 @@ class MarketplaceConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             from kvmkt_connector.connector.scheduler import MarketplaceScheduler
 
-            if tc.kv_load_failure_policy != "recompute":
-                # A failed import must cost a recompute, never the request. vLLM reads this
-                # setting right after building the scheduler-side connector.
-                tc.kv_load_failure_policy = "recompute"
-                logger.info("kvmkt: kv_load_failure_policy set to 'recompute' (was 'fail')")
+            imports = cfg.enable_import and tc.kv_role in ("kv_consumer", "kv_both")
+            _ensure_recompute_policy(tc, imports)  # a failed import costs a recompute only
             self._scheduler = MarketplaceScheduler(vllm_config, cfg, kv_cache_config)
         else:
             from kvmkt_connector.connector.worker import MarketplaceWorker
@@ -84,9 +122,6 @@ class MarketplaceConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
-
-    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
-        return self._worker.handshake() if self._worker is not None else None
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -129,12 +164,6 @@ class MarketplaceConnector(KVConnectorBase_V1):
         self._scheduler.bind_gpu_block_pool(gpu_block_pool)
         _undo_deferred_block_free(sys._getframe(1).f_locals.get("self"), self)
 
-    def set_xfer_handshake_metadata(
-        self, metadata: dict[int, KVConnectorHandshakeMetadata]
-    ) -> None:
-        handshakes = {r: m for r, m in metadata.items() if isinstance(m, MarketplaceHandshake)}
-        self._scheduler.set_handshakes(handshakes)
-
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
@@ -174,3 +203,9 @@ class MarketplaceConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         return MarketplacePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+# Under MultiConnector the front end rebuilds each child's stats by class name
+# (KVConnectorFactory.get_connector_class_by_name): make ours resolve also when it was
+# loaded through kv_connector_module_path without the plugin entry point.
+register_connector_name()

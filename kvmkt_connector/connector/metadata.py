@@ -2,7 +2,9 @@
 
 Scheduler -> workers, every step: ``MarketplaceConnectorMetadata`` (pickled by vLLM).
 Workers -> scheduler, every step: ``MarketplaceWorkerMetadata`` (summed across TP ranks).
-Workers -> scheduler, once at startup: ``MarketplaceHandshake`` (vLLM's handshake channel).
+Workers -> scheduler, at startup: ``MarketplaceHandshake``, inside the worker metadata of
+the steps whose scheduler metadata asks for it. Not vLLM's handshake channel: under
+MultiConnector that carries only the first child's handshake, to every child.
 
 Jobs carry ids so completion can be counted per rank: a job is done when every rank says so.
 """
@@ -13,7 +15,6 @@ from dataclasses import dataclass, field
 
 import msgspec
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorWorkerMetadata,
 )
@@ -57,6 +58,19 @@ class MarketplaceConnectorMetadata(KVConnectorMetadata):
     idle_step: bool = False
     step: int = 0  # this step's sequence number (scheduler side)
     ack: bool = False  # workers echo ``step`` back: the exporter waits for steps to end
+    want_layout: bool = False  # workers send their MarketplaceHandshake (startup)
+
+
+@dataclass
+class MarketplaceHandshake:
+    """What a worker tells the scheduler once its KV cache is registered."""
+
+    tp_rank: int
+    layout: KVLayoutSpec | None  # None: this worker cannot share (see ``problem``)
+    descriptor: bytes | None  # msgpack RankDescriptor of our pages, when exporting
+    export_slots: int  # host_shm: slots in our export region; 0 otherwise
+    transport: str  # "host_shm" | "cuda_ipc" | ""
+    problem: str = ""
 
 
 @dataclass
@@ -68,10 +82,11 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
     saves_done: dict[int, int] = field(default_factory=dict)
     saves_failed: dict[int, int] = field(default_factory=dict)
     acked_step: int = -1  # the step this output ends, when the scheduler asked (-1: not)
+    handshakes: dict[int, MarketplaceHandshake] = field(default_factory=dict)  # by TP rank
 
     def __bool__(self) -> bool:
         return bool(self.loads_done or self.loads_failed or self.saves_done or self.saves_failed
-                    or self.acked_step >= 0)
+                    or self.acked_step >= 0 or self.handshakes)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> MarketplaceWorkerMetadata:
         assert isinstance(other, MarketplaceWorkerMetadata)
@@ -79,6 +94,7 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
         out = MarketplaceWorkerMetadata(
             dict(self.loads_done), dict(self.loads_failed), dict(self.saves_done),
             dict(self.saves_failed), min(acks) if acks else -1,
+            {**self.handshakes, **other.handshakes},
         )
         for mine, theirs in (
             (out.loads_done, other.loads_done),
@@ -89,15 +105,3 @@ class MarketplaceWorkerMetadata(KVConnectorWorkerMetadata):
             for job_id, count in theirs.items():
                 mine[job_id] = mine.get(job_id, 0) + count
         return out
-
-
-@dataclass
-class MarketplaceHandshake(KVConnectorHandshakeMetadata):
-    """What a worker tells the scheduler once its KV cache is registered."""
-
-    tp_rank: int
-    layout: KVLayoutSpec | None  # None: this worker cannot share (see ``problem``)
-    descriptor: bytes | None  # msgpack RankDescriptor of our pages, when exporting
-    export_slots: int  # host_shm: slots in our export region; 0 otherwise
-    transport: str  # "host_shm" | "cuda_ipc" | ""
-    problem: str = ""

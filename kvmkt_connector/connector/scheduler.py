@@ -1,7 +1,8 @@
 """Scheduler side: wires the registry link, the import planner and the export ledger.
 
-Nothing is shared until every worker has reported its KV layout (handshake): only then is
-the compatibility fingerprint complete, and with it the namespace of our keys.
+Nothing is shared until every worker has reported its KV layout (its MarketplaceHandshake,
+sent in the worker metadata of the first steps): only then is the compatibility fingerprint
+complete, and with it the namespace of our keys. Until then, new requests wait (a step).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 _NEIGHBOUR_CHECK_S = 10.0
+# Workers answer the first step that asks for their layout; past this, stop waiting for
+# them (a hung or foreign worker must not hold requests back) and serve without sharing.
+_LAYOUT_WAIT_S = 30.0
 _MAX_MAPPED_TABLES = 16  # holders' generation tables kept open by the import planner
 _TRANSPORT_OF = {"cuda_ipc": CudaIpcDescriptor, "host_shm": HostShmDescriptor}
 
@@ -110,11 +114,42 @@ class MarketplaceScheduler:
         self._next_neighbour_check = 0.0
         self._step_runs = True  # the last scheduled step computes tokens
         self._trace = os.environ.get("KVMKT_TRACE") == "1"
+        # Startup: workers' handshakes, collected from their worker metadata.
+        self._awaiting_layout = not self._blockers and (self._import or self._export)
+        self._layout_deadline: float | None = None
+        self._handshakes: dict[int, MarketplaceHandshake] = {}
+        # Allocated but not scheduled yet: under MultiConnector a sibling may be loading
+        # them asynchronously; if such a request ends, its blocks hold unknown KV.
+        self._not_run: set[str] = set()
 
     # ------------------------------------------------------------ startup
 
     def bind_gpu_block_pool(self, pool: BlockPool) -> None:
         self._pool = pool
+
+    def _layout_pending(self) -> bool:
+        """Requests wait while the workers' layouts are on their way (the first step of
+        the first request), so that this request can import and export as well."""
+        if not self._awaiting_layout:
+            return False
+        now = time.monotonic()
+        if self._layout_deadline is None:
+            self._layout_deadline = now + _LAYOUT_WAIT_S
+        elif now > self._layout_deadline:
+            self._awaiting_layout = False
+            self.stats.count("fallback_incompatible")
+            logger.warning("kvmkt: sharing disabled: workers sent no KV layout in %.0f s "
+                           "(ranks heard: %s)", _LAYOUT_WAIT_S, sorted(self._handshakes))
+            return False
+        return True
+
+    def _on_handshakes(self, handshakes: dict[int, MarketplaceHandshake]) -> None:
+        if not self._awaiting_layout:
+            return
+        self._handshakes.update(handshakes)
+        if len(self._handshakes) >= self._world:
+            self._awaiting_layout = False
+            self.set_handshakes(self._handshakes)
 
     def set_handshakes(self, handshakes: dict[int, MarketplaceHandshake]) -> None:
         if self._blockers:
@@ -192,7 +227,11 @@ class MarketplaceScheduler:
             keys = self._keys[request.request_id] = self._keyer.start(scope)
         return keys
 
-    def get_num_new_matched_tokens(self, request: Request, num_local: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Request, num_local: int
+    ) -> tuple[int | None, bool]:
+        if self._layout_pending():
+            return None, False  # "ask again next step" (vLLM keeps the request waiting)
         if not self._import or self._keyer is None or request.skip_reading_prefix_cache:
             return 0, False
         scope = request_scope(request)
@@ -204,11 +243,15 @@ class MarketplaceScheduler:
         return n, n > 0  # always asynchronous: see importer.py
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
+        self._not_run.add(request.request_id)
         job = self._planner.on_alloc(request, block_ids, n_ext)
         if job is not None and self._ledger is not None:
             self._ledger.on_blocks_rewritten(job.dst)  # our import writes them
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
+        if self._not_run:
+            scheduled = scheduler_output.num_scheduled_tokens
+            self._not_run = {r for r in self._not_run if r not in scheduled}
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
@@ -224,6 +267,7 @@ class MarketplaceScheduler:
                                f"loads={len(loads)}")
         return MarketplaceConnectorMetadata(
             loads=loads, saves=saves, idle_step=not self._step_runs, step=step, ack=ack,
+            want_layout=self._awaiting_layout,
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
@@ -232,6 +276,8 @@ class MarketplaceScheduler:
             trace(logger, "-", "step-output")
         if not isinstance(meta, MarketplaceWorkerMetadata):
             return
+        if meta.handshakes:
+            self._on_handshakes(meta.handshakes)
         # A load is over once every rank reported it; failed if any rank failed it.
         over: dict[bool, list[int]] = {False: [], True: []}
         for failed, counts in ((False, meta.loads_done), (True, meta.loads_failed)):
@@ -291,9 +337,12 @@ class MarketplaceScheduler:
         return table.unchanged_prefix(locations)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
-        # A request aborted while its import is still being copied: its blocks do not
-        # hold known KV yet, so they are not exported.
+        # A request aborted while its import (ours, or a sibling connector's) is still
+        # being copied: its blocks do not hold known KV yet, so they are not exported.
         unsure = self._planner.has_pending_load(request.request_id)
+        if request.request_id in self._not_run:
+            self._not_run.discard(request.request_id)
+            unsure = True
         imported = self._planner.on_request_finished(request.request_id)
         keys = self._keys.pop(request.request_id, None)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:

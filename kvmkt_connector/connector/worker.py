@@ -194,6 +194,8 @@ class MarketplaceWorker:
         self._idle_step = meta.idle_step and bool(meta.loads)
         if meta.ack:  # this step's output then carries worker metadata, so vLLM hands it on
             self._done.acked_step = meta.step
+        if meta.want_layout:  # startup: the scheduler learns our layout from this step's output
+            self._done.handshakes[self._rank] = self.handshake()
         for save in meta.saves:
             self._save(save)
         for job in meta.loads:  # issued after the saves: they may read blocks a load writes

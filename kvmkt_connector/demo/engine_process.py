@@ -26,6 +26,8 @@ class Completion:
     imported_tokens: int  # from the connector's kv_transfer_params; -1: connector off
     first_logprob: float | None
     seconds: float  # wall time of the generate call this completion came from
+    kv_transfer_params: dict[str, Any] | None = None  # all connectors' (P/D hand-off)
+    cached_tokens: int = 0  # prompt tokens not computed here: local prefix hits + loaded
 
 
 def _die_with_parent() -> None:
@@ -102,7 +104,8 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
                     "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
                 }))
             elif cmd == "metrics":
-                conn.send(("ok", [(m.name, getattr(m, "value", None)) for m in llm.get_metrics()]))
+                conn.send(("ok", [(m.name, getattr(m, "value", getattr(m, "count", None)))
+                                  for m in llm.get_metrics()]))  # histograms: their count
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache(**args)))
             elif cmd == "stop":
@@ -121,12 +124,14 @@ def _generate(llm: Any, inputs: list, sps: list, logprobs: int | None) -> list[C
     result = []
     for o in outs:
         c = o.outputs[0]
-        kvp = (o.kv_transfer_params or {}).get("kvmkt")
+        params = o.kv_transfer_params
+        kvp = (params or {}).get("kvmkt")
         lp = None
         if logprobs is not None and c.logprobs:
             lp = float(c.logprobs[0][c.token_ids[0]].logprob)
         imported = kvp["imported_tokens"] if kvp else -1
-        result.append(Completion(list(c.token_ids), imported, lp, dt))
+        result.append(Completion(list(c.token_ids), imported, lp, dt, params,
+                                 o.num_cached_tokens or 0))
     return result
 
 
