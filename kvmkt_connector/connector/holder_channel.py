@@ -76,9 +76,13 @@ class HolderChannel:
         """``epoch()`` counts cache resets (thread-safe); ``on_reset`` runs once per reset."""
         self._reset_epoch, self._on_reset = epoch, on_reset
 
-    def publish(self, keys: list[bytes], locations: list[int], epoch: int = 0) -> None:
-        """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped)."""
-        self._ops.put(("publish", keys, locations, epoch))
+    def publish(
+        self, keys: list[bytes], locations: list[int], epoch: int = 0, tokens: list | None = None
+    ) -> None:
+        """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped);
+        ``tokens``: ``BlockTokens`` of some of them. A publish again after re-registering
+        sends no tokens: those pages are served, only not announced (kv_events.py)."""
+        self._ops.put(("publish", keys, locations, epoch, tokens or []))
 
     def reclaim(self, count: int) -> None:
         self._ops.put(("reclaim", count))
@@ -145,11 +149,11 @@ class HolderChannel:
 
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
-            _, keys, locations, epoch = op
+            _, keys, locations, epoch, tokens = op
             if epoch != self._epoch:  # pages from before a cache reset
                 return
             self._offered.update(zip(locations, keys, strict=True))
-            released = client.publish(keys, locations)
+            released = client.publish(keys, locations, tokens)
             self._emit("published", locations)
             self._emit("released", released)
         elif op[0] == "reclaim":
