@@ -66,39 +66,46 @@ def holder_readable(descriptor: bytes, transport: str, world: int) -> bool:
 
 class OfferView:
     """Which blocks are importable; ``apply`` returns the announcements that changes cause,
-    as (stored?, key) in an order a router can follow (a block after its parent)."""
+    as (stored?, key) in an order a router can follow (a block after its parent).
 
-    def __init__(self, max_blocks: int) -> None:
+    ``via[k]``: the usable holders that list ``k`` and all its ancestors. A block is
+    announced when it is part of such a run of at least ``min_run`` blocks (shorter matches
+    are recomputed: ``min_import_tokens``): ``_support[k]`` counts the reasons, itself being
+    deep enough plus its announced children, so a change walks up only while it flips one.
+    """
+
+    def __init__(self, max_blocks: int, min_run: int = 1) -> None:
         self._max_blocks = max_blocks
+        self._min_run = max(1, min_run)
         self._reset()
 
     def _reset(self) -> None:
         self.blocks: dict[bytes, Any] = {}  # key -> BlockTokens
         self._bits: dict[bytes, set[int]] = {}  # key -> holders listing it
         self._children: dict[bytes, set[bytes]] = {}  # parent key -> known children
-        self.via: dict[bytes, frozenset[int]] = {}  # announced key -> holders of its run
+        self.via: dict[bytes, frozenset[int]] = {}
+        self._depth: dict[bytes, int] = {}  # of keys in via (block 0: 0)
+        self._support: dict[bytes, int] = {}  # announced key -> reasons (> 0)
+        self._parent_of: dict[bytes, bytes] = {}  # announced key -> parent (b"": none)
+        self.announced: dict[bytes, None] = {}  # in announcement order
         self._usable: frozenset[int] = frozenset()
-
-    @property
-    def announced(self) -> list[bytes]:
-        return list(self.via)
 
     def apply(
         self, changes: list[OfferChange], usable: frozenset[int], snapshot: bool = False
     ) -> list[tuple[bool, bytes]]:
         if snapshot:
-            old = self.via
+            old = self.announced
             self._reset()
             self._apply(changes, usable, [])
-            return [(False, k) for k in old if k not in self.via] + [
-                (True, k) for k in self.via if k not in old
+            return [(False, k) for k in old if k not in self.announced] + [
+                (True, k) for k in self.announced if k not in old
             ]
         ops: list[tuple[bool, bytes]] = []
         self._apply(changes, usable, ops)
         return ops
 
     def withdraw_all(self) -> list[tuple[bool, bytes]]:
-        ops = [(False, k) for k in self.via]
+        ops = [(False, k) for k in self.announced]
         self._reset()
         return ops
 
@@ -153,9 +160,43 @@ class OfferView:
                 self.via[k] = new
             else:
                 del self.via[k]
-            if bool(new) != bool(old):
-                ops.append((bool(new), k))
+            if new and not old:
+                depth = self._depth[block.parent] + 1 if block.parent else 0
+                self._depth[k] = depth
+                if depth + 1 >= self._min_run:
+                    self._support_add(k, ops)
+            elif old and not new and self._depth.pop(k) + 1 >= self._min_run:
+                self._support_remove(k, ops)
             stack.extend(self._children.get(k, ()))
+
+    def _support_add(self, key: bytes, ops: list) -> None:
+        """``key`` ends a run long enough: it and its ancestors are announced."""
+        fresh: list[bytes] = []
+        k = key
+        while k:
+            n = self._support.get(k, 0)
+            self._support[k] = n + 1
+            if n:
+                break
+            fresh.append(k)
+            parent = self.blocks[k].parent  # in via, so known
+            self._parent_of[k] = parent
+            k = parent
+        for k in reversed(fresh):  # parents first
+            self.announced[k] = None
+            ops.append((True, k))
+
+    def _support_remove(self, key: bytes, ops: list) -> None:
+        k = key
+        while k:
+            n = self._support[k] - 1
+            if n:
+                self._support[k] = n
+                break
+            del self._support[k]
+            del self.announced[k]
+            ops.append((False, k))
+            k = self._parent_of.pop(k)
 
 
 def build_events(
@@ -212,7 +253,7 @@ class KvEventFeed:
         self._readable = readable
         self._own_bit = own_bit
         self._publisher = publisher  # the scheduler's, for idle engines; None: steps only
-        self._view = OfferView(cfg.kv_events_max_blocks)
+        self._view = OfferView(cfg.kv_events_max_blocks, -(-cfg.min_import_tokens // block_size))
         self._interval = cfg.kv_events_interval_ms / 1000
         self._lock = threading.Lock()  # orders pending events, take_events and flushes
         self._pending: list[Any] = []
@@ -284,9 +325,9 @@ class KvEventFeed:
                 self._feed_id = 0  # a new connection may be a new registry: start over
             feed = self._client.offers(self._namespace, self._feed_id, self._cursor)
         except Exception as e:  # no registry, no imports: nothing is importable any more
-            if self._client is not None or self._view.via:
+            if self._client is not None or self._view.announced:
                 logger.info("kvmkt: KV events: registry unreachable (%s): retracting %d "
-                            "announced blocks", e, len(self._view.via))
+                            "announced blocks", e, len(self._view.announced))
             self._drop()
             self._emit(self._view.withdraw_all())
             return False

@@ -55,7 +55,7 @@ def test_a_run_one_usable_holder_lists_from_block_0() -> None:
     assert len(events) == 1 and isinstance(events[0], BlockRemoved)
     # A dies: B still serves 0..1.
     assert view.apply(unlisted(PREFIX[:2] + PREFIX[3:], A), frozenset({B})) == []
-    assert view.announced == [PREFIX[0].key, PREFIX[1].key]
+    assert list(view.announced) == [PREFIX[0].key, PREFIX[1].key]
 
 
 def test_own_and_unreadable_holders_never_count_and_snapshots_diff() -> None:
@@ -80,8 +80,34 @@ def test_bounded_and_branches_become_separate_events() -> None:
     view2 = OfferView(max_blocks=100)
     ops = view2.apply(listed(PREFIX[:2] + branch[2:] + PREFIX[2:], A), frozenset({A}))
     events = build_events(ops, view2.blocks, BS, "M")
-    # blocks 0, 1 and the branch's block 2 form one chain; PREFIX's 2..3 hang off block 1
-    assert [len(e.block_hashes) for e in events] == [3, 2]
-    assert events[0].token_ids == list(range(8)) + [99] * 4
-    assert events[1].parent_block_hash == maybe_convert_block_hash(PREFIX[1].key)
-    assert events[1].token_ids == list(range(8, 16))
+    # Two chains off block 1 (in either order): one event each, a block after its parent.
+    assert len(events) == 2 and events[0].parent_block_hash is None
+    seen: dict = {None: None}
+    for e in events:
+        parent = e.parent_block_hash
+        assert parent in seen
+        for i, h in enumerate(e.block_hashes):
+            seen[h] = (parent, e.token_ids[i * BS:(i + 1) * BS])
+            parent = h
+    h = maybe_convert_block_hash
+    want = {b.key: b for b in PREFIX + branch[2:]}
+    assert {k: v for k, v in seen.items() if k is not None} == {
+        h(k): (h(b.parent) if b.parent else None, list(memoryview(b.tokens).cast("I")))
+        for k, b in want.items()
+    }
+
+
+def test_runs_shorter_than_an_import_are_not_announced() -> None:
+    view = OfferView(max_blocks=100, min_run=2)  # min_import_tokens of 2 blocks
+    assert view.apply(listed(PREFIX[:1], A), frozenset({A})) == []  # 1 block: recomputed
+    ops = view.apply(listed(PREFIX[1:3], A), frozenset({A}))
+    assert ops == [(True, b.key) for b in PREFIX[:3]]  # parents first
+    assert view.apply(unlisted(PREFIX[2:3], A), frozenset({A})) == [(False, PREFIX[2].key)]
+    ops = view.apply(unlisted(PREFIX[1:2], A), frozenset({A}))
+    assert sorted(ops) == sorted([(False, PREFIX[1].key), (False, PREFIX[0].key)])
+    assert view.announced == {}
+    # A long chain is announced and retracted without walking it per block.
+    long = blocks_of(list(range(4 * 2000)))
+    view = OfferView(max_blocks=5000, min_run=2)
+    assert len(view.apply(listed(long, A), frozenset({A}))) == 2000
+    assert len(view.apply(unlisted(long[:1], A), frozenset({A}))) == 2000
