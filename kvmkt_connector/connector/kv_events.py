@@ -315,7 +315,12 @@ class KvEventFeed:
         """One Offers round trip; True if the registry has more right away."""
         own = self._own_bit() if self._own_bit is not None else None
         if self._own_bit is not None and own is None:
-            return False  # our own holder is not registered (yet): wait for it
+            # Our exporter is not registered (starting, or it lost the registry): we could
+            # not tell our own exports apart, so announce nothing until it is; then start
+            # over from a snapshot.
+            self._drop()
+            self._emit(self._view.withdraw_all())
+            return False
         try:
             if self._client is None:
                 self._client = RegistryClient.connect(
