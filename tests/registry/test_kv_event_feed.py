@@ -4,6 +4,7 @@ new registry (its token ids included), and never count our own exports."""
 
 from __future__ import annotations
 
+import time
 from array import array
 
 from registry_helpers import BLOCK_SIZE, chain, namespace, wait_until
@@ -74,6 +75,14 @@ def test_feed_follows_the_registry(start_registry) -> None:
 
         start_registry()  # same socket: both channels register and publish again
         wait_until(lambda: seen() == wanted, 10)
+
+        # A connector reset (weights may have changed): this instance imports nothing any
+        # more, so it retracts everything and announces nothing new.
+        feed.stop_announcing()
+        assert not seen()
+        exporter.publish(keys[4:], [4, 5], 0, tokens_of(keys)[4:])
+        time.sleep(0.5)  # ten feed intervals
+        assert not seen()
     finally:
         feed.shutdown()
         exporter.close()
