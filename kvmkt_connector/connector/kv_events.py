@@ -7,9 +7,11 @@ import: ``BlockStored`` when one becomes importable, ``BlockRemoved`` when it st
 (withdrawn, evicted, holder dead, registry lost), each through the connector's
 ``take_events`` (vLLM publishes them with its own events after every step).
 
-What counts as importable mirrors a lease: a run of blocks from block 0 that one holder
-other than us lists entirely, in our namespace (interchangeable KV), from a holder whose
-pages our workers can read, described with its token ids (no cache salt, no LoRA). The
+What counts as importable mirrors a lease: a run of blocks from block 0, at least
+``min_import_tokens`` long, that one holder other than us lists entirely, in our namespace
+(interchangeable KV), from a holder whose pages our workers can read, described with its
+token ids (no cache salt, no LoRA). Nothing is announced while our own exporter is not
+registered (its exports could not be told apart from a neighbour's). The
 registry's offer feed (``Offers``) gives the listing changes; ``OfferView`` keeps, per
 block, the holders that list it and all its ancestors.
 
