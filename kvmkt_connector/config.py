@@ -40,6 +40,12 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
     # KV cache. Either way capped at half the free space of /dev/shm when it is created.
     host_region_bytes: int | None = None
 
+    # KV events (with vLLM's kv_events_config on): announce blocks neighbours offer that this
+    # instance can import, under this medium (llm-d: a device tier); None or "": do not.
+    kv_events_medium: str | None = "KVMKT"
+    kv_events_max_blocks: int = 16_384  # blocks known/announced at most
+    kv_events_interval_ms: int = 1000  # how often the registry's offer feed is read
+
     # Testing only: let requests ask for corrupted imports (negative controls).
     allow_fault_injection: bool = False
 
@@ -51,6 +57,8 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
             ("min_import_tokens", self.min_import_tokens >= 1),
             ("lease_ttl_s", self.lease_ttl_s > 0),
             ("host_region_bytes", self.host_region_bytes is None or self.host_region_bytes >= 0),
+            ("kv_events_max_blocks", self.kv_events_max_blocks >= 1),
+            ("kv_events_interval_ms", self.kv_events_interval_ms >= 10),
         ]
         bad = [name for name, ok in checks if not ok]
         if bad:

@@ -42,6 +42,7 @@ from kvmkt_connector.connector.metadata import SaveJob
 from kvmkt_connector.hashing import PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.protocol import BlockTokens
 from kvmkt_connector.transport.generations import (
     GenerationTable,
     decode_locations,
@@ -119,6 +120,8 @@ class ExportLedger:
         # index (block id or slot) -> (key, published location); staged: also while staging
         self._listed: dict[int, tuple[bytes, int]] = {}
         self._index_of: dict[bytes, int] = {}  # key -> index
+        # Token ids sent with a key's publish, for instances' KV events (see kv_events.py)
+        self._tokens: dict[bytes, BlockTokens] = {}
         self._staging: dict[int, tuple[list[bytes], list[int]]] = {}  # job -> keys, slots
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
         self._pending_jobs: list[SaveJob] = []
@@ -134,7 +137,11 @@ class ExportLedger:
 
     # ------------------------------------------------------------ export
 
-    def on_request_finished(self, request: Request, block_ids: list[int], keys: PrefixKeys) -> None:
+    def on_request_finished(
+        self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False
+    ) -> None:
+        """``describe``: send the blocks' token ids along (only for KV that token ids alone
+        determine: no cache salt, no LoRA), so other instances can announce them."""
         if not self._exporting:
             return
         # Export only KV that completed steps wrote: async scheduling advances
@@ -152,6 +159,13 @@ class ExportLedger:
             return
         new_keys = [all_keys[i] for i in new]
         blocks = [block_ids[i] for i in new]
+        if describe:
+            tokens = np.asarray(request.all_token_ids[: n * self._bs], dtype="<u4")
+            for i in new:
+                self._tokens[all_keys[i]] = BlockTokens(
+                    all_keys[i], all_keys[i - 1] if i else b"",
+                    tokens[i * self._bs : (i + 1) * self._bs].tobytes(),
+                )  # fmt: skip
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -202,7 +216,10 @@ class ExportLedger:
                     keys.append(k)
                     locations.append(loc)
         if keys:
-            self._channel.publish(keys, locations, self._epoch)
+            self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys))
+
+    def _take_tokens(self, keys: list[bytes]) -> list[BlockTokens]:
+        return [t for t in (self._tokens.pop(k, None) for k in keys) if t is not None]
 
     def take_jobs(self) -> list[SaveJob]:
         jobs, self._pending_jobs = self._pending_jobs, []
@@ -217,7 +234,8 @@ class ExportLedger:
             if failed or job_id in self._cancelled:
                 self._forget(slots)
             else:
-                self._channel.publish(keys, [self._listed[s][1] for s in slots], self._epoch)
+                locations = [self._listed[s][1] for s in slots]
+                self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys))
             self._cancelled.discard(job_id)
         self._update_gauges()
 
@@ -249,6 +267,7 @@ class ExportLedger:
                 continue  # not held (already released): never free a slot twice
             forgotten += 1
             self._index_of.pop(entry[0], None)
+            self._tokens.pop(entry[0], None)
             if self.staged:
                 self._free_slots.append(index)
         if forgotten:

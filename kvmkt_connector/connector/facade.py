@@ -161,8 +161,11 @@ class MarketplaceConnector(KVConnectorBase_V1):
     # ================================================================ scheduler side
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
-        self._scheduler.bind_gpu_block_pool(gpu_block_pool)
-        _undo_deferred_block_free(sys._getframe(1).f_locals.get("self"), self)
+        caller = sys._getframe(1).f_locals.get("self")
+        only = getattr(caller, "connector", None) is self  # vLLM's Scheduler, no MultiConnector
+        publisher = getattr(caller, "kv_event_publisher", None) if only else None
+        self._scheduler.bind_gpu_block_pool(gpu_block_pool, publisher)
+        _undo_deferred_block_free(caller, self)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
@@ -186,9 +189,13 @@ class MarketplaceConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         return False, self._scheduler.request_finished(request, block_ids)
 
+    def take_events(self):
+        return self._scheduler.take_events() if self._scheduler is not None else ()
+
     def has_pending_push_work(self) -> bool:
-        # Exports are copied one step after their request finished; keep the engine
-        # stepping until they are published, even when no request is left.
+        # Exports are copied one step after their request finished (and KV events wait to
+        # be taken); keep the engine stepping until they are out, even when no request is
+        # left.
         return self._scheduler is not None and self._scheduler.has_pending_exports()
 
     def reset_cache(self) -> bool | None:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.logs import get_logger
@@ -62,6 +63,9 @@ class HolderChannel:
         self.holder_bit: int | None = None
         self.connected = False
         self._offered: dict[int, bytes] = {}  # location -> key (channel thread only)
+        # key -> BlockTokens sent with its publish, sent again when publishing again (kept
+        # for offered keys; stale ones are pruned when they outnumber those)
+        self._tokens: dict[bytes, Any] = {}
         # Cache resets (see exporter.ResetWatch): checked here too, so an exporter whose
         # scheduler does not step after a reset still withdraws at once.
         self._reset_epoch: Callable[[], int] = lambda: 0
@@ -76,9 +80,12 @@ class HolderChannel:
         """``epoch()`` counts cache resets (thread-safe); ``on_reset`` runs once per reset."""
         self._reset_epoch, self._on_reset = epoch, on_reset
 
-    def publish(self, keys: list[bytes], locations: list[int], epoch: int = 0) -> None:
-        """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped)."""
-        self._ops.put(("publish", keys, locations, epoch))
+    def publish(
+        self, keys: list[bytes], locations: list[int], epoch: int = 0, tokens: list | None = None
+    ) -> None:
+        """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped);
+        ``tokens``: ``BlockTokens`` of some of them (sent again when publishing again)."""
+        self._ops.put(("publish", keys, locations, epoch, tokens or []))
 
     def reclaim(self, count: int) -> None:
         self._ops.put(("reclaim", count))
@@ -142,14 +149,16 @@ class HolderChannel:
         if self._offered:  # nothing offered before the reset may be found any more
             self._ops.put(("unpublish", list(self._offered)))
             self._offered.clear()
+            self._tokens.clear()
 
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
-            _, keys, locations, epoch = op
+            _, keys, locations, epoch, tokens = op
             if epoch != self._epoch:  # pages from before a cache reset
                 return
             self._offered.update(zip(locations, keys, strict=True))
-            released = client.publish(keys, locations)
+            self._remember_tokens(tokens)
+            released = client.publish(keys, locations, tokens)
             self._emit("published", locations)
             self._emit("released", released)
         elif op[0] == "reclaim":
@@ -169,9 +178,16 @@ class HolderChannel:
             return
         if op[0] == "publish" and op[3] == self._epoch:
             self._offered.update(zip(op[2], op[1], strict=True))
+            self._remember_tokens(op[4])
         elif op[0] == "unpublish":
             for loc in op[1]:
                 self._offered.pop(loc, None)
+
+    def _remember_tokens(self, tokens: list) -> None:
+        self._tokens.update((t.key, t) for t in tokens)
+        if len(self._tokens) > 2 * len(self._offered) + 1024:
+            offered = set(self._offered.values())
+            self._tokens = {k: t for k, t in self._tokens.items() if k in offered}
 
     def _emit(self, kind: str, locations: list[int]) -> None:
         """Events carry the registration they are about, so the ledger never applies an
@@ -210,7 +226,9 @@ class HolderChannel:
         if self._offered:
             try:
                 locations = list(self._offered)
-                client.publish([self._offered[loc] for loc in locations], locations)
+                keys = [self._offered[loc] for loc in locations]
+                tokens = [t for t in map(self._tokens.get, keys) if t is not None]
+                client.publish(keys, locations, tokens)
             except Exception as e:  # try the whole registration again later
                 logger.warning("kvmkt: registry lost while publishing again: %s", e)
                 with contextlib.suppress(Exception):

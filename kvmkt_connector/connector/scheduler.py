@@ -24,6 +24,7 @@ from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.exporter import ExportLedger
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ImportPlanner
+from kvmkt_connector.connector.kv_events import KvEventFeed, holder_readable
 from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
@@ -113,6 +114,10 @@ class MarketplaceScheduler:
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
         self._step_runs = True  # the last scheduled step computes tokens
+        ev = vllm_config.kv_events_config
+        self._kv_events_on = bool(ev and ev.enable_kv_cache_events and cfg.kv_events_medium)
+        self._events: KvEventFeed | None = None
+        self._event_publisher: Any = None
         self._trace = os.environ.get("KVMKT_TRACE") == "1"
         # Startup: workers' handshakes, collected from their worker metadata.
         self._awaiting_layout = not self._blockers and (self._import or self._export)
@@ -124,8 +129,11 @@ class MarketplaceScheduler:
 
     # ------------------------------------------------------------ startup
 
-    def bind_gpu_block_pool(self, pool: BlockPool) -> None:
+    def bind_gpu_block_pool(self, pool: BlockPool, event_publisher: Any = None) -> None:
+        """``event_publisher``: the scheduler's KV event publisher when we are its only
+        connector (kv_events.py publishes through it while the engine is idle)."""
         self._pool = pool
+        self._event_publisher = event_publisher
 
     def _layout_pending(self) -> bool:
         """Requests wait while the workers' layouts are on their way (the first step of
@@ -170,6 +178,8 @@ class MarketplaceScheduler:
         self._transport = ranks[0].transport
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
             self._start_exporting(ranks)
+        if self._kv_events_on and self._import:
+            self._start_events()
         self._check_neighbours()
 
     def _start_exporting(self, ranks: list[MarketplaceHandshake]) -> None:
@@ -198,6 +208,22 @@ class MarketplaceScheduler:
         self._ledger = ExportLedger(
             self._cfg, self._block_size, channel, self.stats, self._pool, slots, gens
         )
+
+    def _start_events(self) -> None:
+        channel = self._link.holder
+        own_bit = None if channel is None else (
+            lambda: channel.holder_bit if channel.connected else None
+        )  # fmt: skip
+        transport, world = self._transport, self._world
+        self._events = KvEventFeed(
+            self._cfg, self._name, self._namespace, self._block_size,
+            lambda d: holder_readable(d, transport, world), own_bit, self._event_publisher,
+        )  # fmt: skip
+        logger.info("kvmkt: KV events: announcing importable blocks as medium %r",
+                    self._cfg.kv_events_medium)
+
+    def take_events(self) -> list:
+        return self._events.take_events() if self._events is not None else []
 
     def _check_neighbours(self) -> None:
         """Say once per holder why we do not share with it (the user's first question)."""
@@ -350,7 +376,8 @@ class MarketplaceScheduler:
             if scope is not None:
                 if keys is None:
                     keys = self._keyer.start(scope)
-                self._ledger.on_request_finished(request, block_ids, keys)
+                # Token ids alone (what routers key by) determine only unscoped KV.
+                self._ledger.on_request_finished(request, block_ids, keys, scope == KeyScope())
         if self._keyer is None:
             return None
         return {"kvmkt": {"imported_tokens": imported}}
@@ -364,7 +391,9 @@ class MarketplaceScheduler:
         return self.stats.take() if self._step_runs else None
 
     def has_pending_exports(self) -> bool:
-        return self._ledger is not None and self._ledger.has_pending()
+        return (self._ledger is not None and self._ledger.has_pending()) or (
+            self._events is not None and self._events.has_pending()
+        )
 
     def reset_cache(self) -> bool:
         """vLLM calls this for reset_prefix_cache(reset_connector=True), which is what RL
@@ -377,9 +406,13 @@ class MarketplaceScheduler:
         self._import = self._export = False
         if self._ledger is not None:
             self._ledger.stop_exporting()
+        if self._events is not None:
+            self._events.stop_announcing()
         return True
 
     def shutdown(self) -> None:
+        if self._events is not None:
+            self._events.shutdown()
         self._planner.shutdown()
         if self._ledger is not None:
             self._ledger.shutdown()

@@ -25,6 +25,7 @@ from .lookup_table import LookupTable
 from .protocol import (
     FRAME_HEADER_BYTES,
     PROTOCOL_VERSION,
+    BlockTokens,
     ErrorReply,
     Hello,
     HelloReply,
@@ -37,6 +38,8 @@ from .protocol import (
     Lookup,
     LookupResult,
     NoMatch,
+    OfferFeed,
+    Offers,
     Ok,
     Publish,
     Published,
@@ -136,9 +139,12 @@ class RegistryClient:
         self.holder_id, self.holder_bit = accepted.holder_id, accepted.holder_bit
         return accepted
 
-    def publish(self, keys: Sequence[bytes], locations: Sequence[int]) -> list[int]:
-        """List entries; returns locations the registry released (reusable now)."""
-        return self._call(Publish(list(keys), list(locations)), Published).released
+    def publish(
+        self, keys: Sequence[bytes], locations: Sequence[int], tokens: Sequence[BlockTokens] = ()
+    ) -> list[int]:
+        """List entries (``tokens``: of some of them, for KV events); returns locations the
+        registry released (reusable now)."""
+        return self._call(Publish(list(keys), list(locations), list(tokens)), Published).released
 
     def reclaim(self, count: int) -> list[int]:
         return self._call(Reclaim(count), Reclaimed).released
@@ -191,6 +197,11 @@ class RegistryClient:
 
     def list_holders(self) -> list[HolderInfo]:
         return self._call(ListHolders(), HolderList).holders
+
+    def offers(
+        self, namespace: bytes, feed_id: int = 0, cursor: int = 0, max_changes: int = 4096
+    ) -> OfferFeed:
+        return self._call(Offers(namespace, feed_id, cursor, max_changes), OfferFeed)
 
     def status(self) -> RegistryStatus:
         return self._call(Status(), RegistryStatus)

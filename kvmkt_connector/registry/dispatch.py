@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from . import paths
 from .index import PrefixRegistry
+from .offers import OfferCatalog
 from .protocol import (
     PROTOCOL_VERSION,
     ErrorReply,
@@ -24,6 +25,9 @@ from .protocol import (
     Lookup,
     LookupResult,
     NoMatch,
+    OfferFeed,
+    OfferHolder,
+    Offers,
     Ok,
     Publish,
     Published,
@@ -57,15 +61,18 @@ class Session:
 
 
 class RequestDispatcher:
-    def __init__(self, registry: PrefixRegistry, lookup_table_path: str) -> None:
+    def __init__(
+        self, registry: PrefixRegistry, lookup_table_path: str, offers: OfferCatalog | None = None
+    ) -> None:
         self.registry = registry
+        self.offers = offers if offers is not None else OfferCatalog()
         self._lookup_table_path = lookup_table_path
         self._started_at = time.monotonic()
         self._handlers: dict[type, Callable[[Session, Request], Reply]] = {
             Hello: self._on_hello, RegisterHolder: self._on_register, Publish: self._on_publish,
             Lookup: self._on_lookup, Lease: self._on_lease, ReleaseLeases: self._on_release,
             Reclaim: self._on_reclaim, Unpublish: self._on_unpublish, Sync: self._on_sync,
-            ListHolders: self._on_list_holders, Status: self._on_status,
+            ListHolders: self._on_list_holders, Offers: self._on_offers, Status: self._on_status,
         }  # fmt: skip
 
     def handle(self, session: Session, request: Request) -> Reply:
@@ -112,9 +119,12 @@ class RequestDispatcher:
         return HolderAccepted(holder.holder_id, holder.bit)
 
     def _on_publish(self, session: Session, req: Publish) -> Reply:
-        accepted, released = self.registry.publish(
-            self._holder_id(session), req.keys, req.locations
-        )
+        holder_id = self._holder_id(session)
+        self.offers.check(req.tokens, req.keys)
+        accepted, released = self.registry.publish(holder_id, req.keys, req.locations)
+        if req.tokens:
+            ns = self.registry.holder(holder_id).namespace
+            self.offers.describe(ns, req.tokens, lambda key: self.registry.holder_bits(ns, key))
         return Published(accepted, released)
 
     def _on_lookup(self, session: Session, req: Lookup) -> Reply:
@@ -143,6 +153,14 @@ class RequestDispatcher:
 
     def _on_list_holders(self, session: Session, req: ListHolders) -> Reply:
         return HolderList(self.registry.holder_infos())
+
+    def _on_offers(self, session: Session, req: Offers) -> Reply:
+        cursor, snapshot, more, changes = self.offers.read(
+            req.namespace, req.feed_id, req.cursor, req.max_changes
+        )
+        holders = [OfferHolder(h.bit, h.holder_id, h.descriptor)
+                   for h in self.registry.holders() if h.namespace == req.namespace]
+        return OfferFeed(self.offers.feed_id, cursor, snapshot, more, changes, holders)
 
     def _on_status(self, session: Session, req: Status) -> Reply:
         reg, counters = self.registry, self.registry.counters

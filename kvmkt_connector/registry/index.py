@@ -96,6 +96,11 @@ class PrefixRegistry:
     def holders(self) -> list[Holder]:
         return list(self._holders.values())
 
+    def holder_bits(self, namespace: bytes, key: bytes) -> list[int]:
+        """Bits of the holders listing ``key`` now."""
+        holders = self._listing.get(namespace, {}).get(key)
+        return [entry.holder.bit for entry in holders.values()] if holders else []
+
     def holder_infos(self) -> list[HolderInfo]:
         return [
             HolderInfo(h.holder_id, h.name, h.pid, h.namespace, h.fingerprint, h.listed, h.leased)

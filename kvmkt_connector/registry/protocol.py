@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Publish.tokens, Offers
 MAX_FRAME_BYTES = 8 << 20
 FRAME_HEADER_BYTES = 4
 KEY_BYTES = 16
 NAMESPACE_BYTES = 16
 MAX_HOLDERS = 64  # holder bits of the shared-memory lookup table
+MAX_OFFER_CHANGES = 4096  # per OfferFeed reply
+MAX_OFFER_TOKEN_BYTES = 2 << 20  # token bytes per OfferFeed reply (well under a frame)
+MAX_BLOCK_TOKEN_BYTES = 4 * 4096  # BlockTokens.tokens
 
 
 class _Msg(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
@@ -61,11 +64,21 @@ class RegisterHolder(_Msg, tag="register_holder"):
     cleanup_paths: list[str] = []  # files the registry unlinks if this holder dies
 
 
+class BlockTokens(msgspec.Struct, array_like=True, frozen=True):
+    """The tokens of one published block, so instances can announce it to cluster routers
+    (vLLM KV events carry token ids). The registry cannot check them against the key."""
+
+    key: bytes
+    parent: bytes  # key of the block before it; b"" for a prefix's first block
+    tokens: bytes  # its token ids, little-endian uint32
+
+
 class Publish(_Msg, tag="publish"):
     """List (key -> location) entries of the calling holder."""
 
     keys: list[bytes]
     locations: list[int]
+    tokens: list[BlockTokens] = []  # optional, for some of ``keys`` (see ``Offers``)
 
 
 class Lookup(_Msg, tag="lookup"):
@@ -111,6 +124,17 @@ class ListHolders(_Msg, tag="list_holders"):
     pass
 
 
+class Offers(_Msg, tag="offers"):
+    """What changed in ``namespace``'s listings of blocks with known tokens since ``cursor``
+    of feed ``feed_id``. A feed id that is not the registry's (0 at first, or a restarted
+    registry) or a cursor older than the changes it keeps gets a snapshot instead."""
+
+    namespace: bytes
+    feed_id: int = 0
+    cursor: int = 0
+    max_changes: int = 4096  # capped at MAX_OFFER_CHANGES
+
+
 class Status(_Msg, tag="status"):
     pass
 
@@ -126,6 +150,7 @@ Request = (
     | Unpublish
     | Sync
     | ListHolders
+    | Offers
     | Status
 )
 
@@ -193,6 +218,28 @@ class HolderInfo(msgspec.Struct):
     leased_blocks: int
 
 
+class OfferChange(msgspec.Struct, array_like=True):
+    key: bytes
+    holder_bit: int  # which holder (a bit is reused only after its holder's entries went)
+    listed: bool  # False: that holder no longer lists it
+    block: BlockTokens | None = None  # with listed=True
+
+
+class OfferHolder(msgspec.Struct, array_like=True):
+    holder_bit: int
+    holder_id: int
+    descriptor: bytes  # as in LeaseGranted: lets an importer tell whether it can read it
+
+
+class OfferFeed(_Msg, tag="offer_feed"):
+    feed_id: int
+    cursor: int  # pass it back in the next Offers
+    snapshot: bool  # ``changes`` is the whole state (listed=True only): forget the old one
+    more: bool  # cut at a bound: ask again for the rest
+    changes: list[OfferChange]
+    holders: list[OfferHolder]  # the namespace's holders now
+
+
 class HolderList(_Msg, tag="holder_list"):
     holders: list[HolderInfo]
 
@@ -229,6 +276,7 @@ Reply = (
     | Unpublished
     | Synced
     | HolderList
+    | OfferFeed
     | RegistryStatus
     | ErrorReply
 )

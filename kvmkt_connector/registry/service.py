@@ -30,6 +30,7 @@ from .dispatch import RequestDispatcher, Session
 from .framing import FrameDecoder, FrameError, decode_request, encode_frame
 from .index import PrefixRegistry
 from .lookup_table import LookupTableWriter, stale_tables
+from .offers import ListenerFanout, OfferCatalog
 from .protocol import ErrorReply, Reply
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class RegistryServer:
 
     def _bind(self) -> None:
         self._table = self._create_table()
-        self.registry = PrefixRegistry(self._capacity_blocks, listener=self._table)
-        self._dispatcher = RequestDispatcher(self.registry, self._table.path)
+        offers = OfferCatalog()
+        self.registry = PrefixRegistry(
+            self._capacity_blocks, listener=ListenerFanout(self._table, offers)
+        )
+        self._dispatcher = RequestDispatcher(self.registry, self._table.path, offers)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         os.chmod(self.socket_path, 0o600)

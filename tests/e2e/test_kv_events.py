@@ -1,0 +1,162 @@
+"""KV events for cluster routers, on real vLLM 0.26 CPU engines.
+
+Engines A (exporter) and B (importer), both with vLLM's ``kv_events_config`` on, publish
+over ZMQ to one subscriber here (their PUB sockets connect to it, as they would to llm-d's),
+which decodes vLLM's ``KVEventBatch`` as vLLM encodes it. B must announce A's prefix under
+medium KVMKT with its exact token ids while idle, serve what it announced, and retract it
+after A is SIGKILLed; A never announces its own exports.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import msgspec
+import pytest
+import zmq
+from vllm.config.kv_events import KVEventsConfig
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+
+from kvmkt_connector.hashing import BlockKeyer
+from tests.conftest import connector_config
+
+pytestmark = pytest.mark.engine
+
+BS = 16
+A_OUT = 4
+_rng = random.Random(4321)
+PROMPT = [_rng.randrange(3, 500) for _ in range(200)]
+EXPORTED = (len(PROMPT) + A_OUT - 1) // BS  # A's full blocks below its last sampled token
+
+
+class Subscriber:
+    """A ZMQ SUB socket the engines' publishers connect to; collects decoded batches."""
+
+    def __init__(self) -> None:
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self._decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        self.batches: list[tuple[str, float, KVEventBatch]] = []  # (topic, received, batch)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._sock.poll(100):
+                topic, _seq, payload = self._sock.recv_multipart()
+                batch = self._decoder.decode(payload)
+                with self._lock:
+                    self.batches.append((topic.decode(), time.monotonic(), batch))
+
+    def events(self, topic: str, medium: str | None = None) -> list:
+        with self._lock:
+            return [e for t, _, b in self.batches if t == topic for e in b.events
+                    if medium is None or getattr(e, "medium", None) == medium]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close(0)
+        self._ctx.term()
+
+
+def events_config(port: int, topic: str) -> KVEventsConfig:
+    return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                          endpoint=f"tcp://127.0.0.1:{port}", topic=topic)
+
+
+def announced(events: list) -> dict:
+    """hash -> (parent hash, token ids) after applying stores and removals in order."""
+    live: dict = {}
+    for e in events:
+        if isinstance(e, BlockStored):
+            parent = e.parent_block_hash
+            for i, h in enumerate(e.block_hashes):
+                live[h] = (parent, e.token_ids[i * e.block_size:(i + 1) * e.block_size])
+                parent = h
+        elif isinstance(e, BlockRemoved):
+            for h in e.block_hashes:
+                live.pop(h, None)
+    return live
+
+
+def chain_tokens(live: dict) -> list[int]:
+    """Token ids of the longest chain from a root (what a router matches a prompt on)."""
+    children = {p: h for h, (p, _) in live.items()}
+    out, h = [], children.get(None)
+    while h is not None:
+        out += live[h][1]
+        h = children.get(h)
+    return out
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout_s, f"{what} not within {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def sub():
+    s = Subscriber()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def engines(cluster, tiny_model_dir, sub):
+    for name in ("A", "B"):
+        cluster.start(name, tiny_model_dir, connector=connector_config(kv_events_interval_ms=250),
+                      kv_events_config=events_config(sub.port, f"kv@{name}"))
+    cluster.wait_all()
+    return cluster.engines
+
+
+def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, cluster, sub):
+    a, b = engines["A"], engines["B"]
+    a.generate([PROMPT], max_tokens=A_OUT)
+    cluster.wait_published(EXPORTED)
+    published = time.monotonic()
+
+    # B announces A's prefix while idle (no request runs on B), with the exact tokens.
+    def b_announces() -> bool:
+        return len(chain_tokens(announced(sub.events("kv@B", "KVMKT")))) >= EXPORTED * BS
+
+    took = wait_for(b_announces, 15, "B's KVMKT announcement")
+    live = announced(sub.events("kv@B", "KVMKT"))
+    assert chain_tokens(live) == PROMPT[: EXPORTED * BS]
+    # Block hashes are our keys (not vLLM's seed-dependent hashes), as vLLM formats its own.
+    keyer = BlockKeyer(_namespace(cluster), BS)
+    assert set(live) == {maybe_convert_block_hash(k) for k in keyer.keys(PROMPT)[:EXPORTED]}
+    # A's own events: vLLM's GPU ones for its prefix; nothing as KVMKT (it cannot import
+    # its own exports and B offers nothing yet).
+    assert sub.events("kv@A", "GPU") and not sub.events("kv@A", "KVMKT")
+    print(f"announced {time.monotonic() - published:.2f} s after publishing ({took:.2f} s wait)")
+
+    # What B announced, B serves: a request for the prompt imports every announced block.
+    (got,) = b.generate([PROMPT], max_tokens=A_OUT)
+    assert got.imported_tokens == EXPORTED * BS
+
+    # A dies: B retracts every block it announced (B's own exports never count for B).
+    n_before = len(sub.events("kv@B", "KVMKT"))
+    a.kill()
+    killed = time.monotonic()
+    wait_for(lambda: not announced(sub.events("kv@B", "KVMKT")), 15, "B's retraction")
+    removed = [e for e in sub.events("kv@B", "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
+    assert {h for e in removed for h in e.block_hashes} == set(live)
+    print(f"retracted {time.monotonic() - killed:.2f} s after SIGKILL of A")
+
+
+def _namespace(cluster) -> bytes:
+    with cluster.client() as c:
+        (ns,) = {h.namespace for h in c.list_holders()}
+    return ns
