@@ -9,6 +9,9 @@
 #   tests    tests/gpu (two engines on GPU0/GPU1, equivalence, negative control, kill)
 #   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
 #   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
+#   serve    benchmarks/serve_bench.py: `vllm serve` exporter/importer/no-connector and an
+#            ExampleConnector pair, driven by vLLM's own `vllm bench serve` client (<= 540 s,
+#            one GPU; $OUT/serve_bench.json, serve_bench.png when matplotlib imports)
 #
 # Example (second transfer): bash benchmarks/gpu_session.sh install tests demo
 set -uo pipefail
@@ -59,6 +62,9 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       ;;
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT"
+      ;;
+    serve)
+      run serve python3 benchmarks/serve_bench.py --out "$OUT"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -113,6 +113,12 @@ def _get(url: str, timeout: float = 10) -> str:
         return r.read().decode()
 
 
+def _post(url: str, timeout: float = 30) -> str:
+    req = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().decode()
+
+
 def metric_total(text: str, name: str) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -448,8 +454,9 @@ class Bench:
         if a.cpu:
             env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.client.start()  # imports vLLM's client while the engines start
+        # low rate over all lengths first: if the budget runs short, high-rate cells go first
         cells = [dict(prefix=p, rate=r, n=a.num_prompts, seed=1000 + 10 * i + j)
-                 for i, p in enumerate(a.lengths) for j, r in enumerate(a.rates)]
+                 for j, r in enumerate(a.rates) for i, p in enumerate(a.lengths)]
         servers: dict[str, Server] = {}
         try:
             for name, kv in (("A", MARKET), ("B", MARKET), ("R", None)):
@@ -470,6 +477,13 @@ class Bench:
             b = servers["B"]
             before = b.metric(IMPORT_METRIC)
             for cell in cells:
+                # keep enough for the peer pair: two starts and its first cell
+                reserve = 0 if a.no_peers else 2 * max(self.starts.values()) + 30
+                est = 4 * (cell["n"] / cell["rate"] + 4)
+                if self.left() < reserve + est:
+                    self.notes.append(f"marketplace p{cell['prefix']} r{cell['rate']:g} skipped: "
+                                      f"budget ({self.left():.0f} s left, ~{reserve:.0f} s kept for peers)")
+                    continue
                 self.run_arm(servers["A"], model, cell, "exporter cold")
                 self.run_arm(servers["A"], model, cell, "exporter hit")
                 imp = self.run_arm(b, model, cell, "importer")
@@ -514,16 +528,25 @@ class Bench:
                        key=lambda c: (-c["prefix"], c["rate"]))  # 16k first: the goal's cell
         est_start = max(self.starts.values(), default=60.0)
         per_cell = {c["prefix"]: self._cell_time(c) for c in order}
-        need = 2 * est_start + sum(per_cell[c["prefix"]] for c in order[:1])
-        if self.left() < need:
+        first = per_cell[order[0]["prefix"]] if order else 0.0
+        pair = a.peer_instances == 2
+        if pair and self.left() < 2 * est_start + 2 * first:
+            pair = False
+            self.notes.append(f"peer pair: one instance (saves, resets its prefix cache, loads): "
+                              f"{self.left():.0f} s of budget left, two starts need ~{2 * est_start:.0f} s")
+        if self.left() < est_start + 2 * first:
             self.notes.append(f"peers skipped: {self.left():.0f} s of budget left, "
-                              f"need ~{need:.0f} s")
+                              f"need ~{est_start + 2 * first:.0f} s")
             return
         servers: dict[str, Server] = {}
         os.makedirs(root, exist_ok=True)
+        # dev mode: /reset_prefix_cache, which the one-instance pair needs
+        env = dict(env, VLLM_SERVER_DEV_MODE="1")
         try:
-            for name in ("E1", "E2"):
+            for name in ("E1", "E2") if pair else ("E1",):
                 servers[name] = self.start_server(name, model, kv, env)
+            if not pair:
+                servers["E2"] = servers["E1"]
             for cell in order:
                 need_bytes = cell["n"] * (cell["prefix"] + a.suffix_len) * self.kv_bytes_per_token()
                 free = shutil.disk_usage(root).free
@@ -537,6 +560,13 @@ class Bench:
                                       f"budget ({self.left():.0f} s left)")
                     continue
                 self.run_arm(servers["E1"], model, cell, "example save")
+                if not pair:  # forget the prompts locally: the next run must load them
+                    for _ in range(20):
+                        if json.loads(_post(servers["E1"].base + "/reset_prefix_cache"))["success"]:
+                            break
+                        time.sleep(0.5)
+                    else:
+                        raise RuntimeError("E1 did not reset its prefix cache")
                 self.run_arm(servers["E2"], model, cell, "example load")
                 for d in os.listdir(root):  # the next cell starts from an empty store
                     shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -544,7 +574,7 @@ class Bench:
             self.notes.append(f"peer phase stopped: {e}")
             print(f"[{_ts()}] ERROR {e}", flush=True)
         finally:
-            for s in servers.values():
+            for s in set(servers.values()):
                 s.stop()
             shutil.rmtree(root, ignore_errors=True)
 
@@ -580,13 +610,14 @@ class Bench:
 
 
 LMCACHE_VERDICT = (
-    "LMCache not run: lmcache 0.5.6 (newest on the package registry) ships lmcache/cuda_ops "
-    "linked against a libc10 that exports c10::NotImplementedError(SourceLocation, std::string); "
-    "torch 2.11.0's libc10 does not, so its CUDA kernels fail to load (it falls back to torch "
-    "ops); it requires transformers>=5.4 and numpy<=2.2.6 plus ~30 packages the GPU host lacks "
-    "(cupy-cuda13x, numba, nvtx, opentelemetry-*, grpcio, google-cloud-bigtable, redis, awscrt, "
-    "cufile-python, sortedcontainers, ...), and the GPU host has no package registry; see the "
-    "report in benchmarks/RESULTS.md."
+    "LMCache not in this run. lmcache 0.5.6 (newest on the registry, checked against vLLM 0.26.0 "
+    "and torch 2.11.0+cu130): its CUDA extension lmcache.cuda_ops does not load (undefined symbol "
+    "c10::NotImplementedError(c10::SourceLocation, std::string), which torch 2.11's libc10 no "
+    "longer exports), so it would run its slower torch-op fallback kernels, not LMCache's own; "
+    "vLLM 0.26's in-tree adapter (use_native) fails to import (CudaIPCWrapper is gone from "
+    "lmcache.v1.multiprocess.custom_types); the wheel's own adapter (LMCacheConnectorV1 default) "
+    "imports, but needs lmcache plus sortedcontainers, aiofile, caio, py-cpuinfo, none of which "
+    "the GPU host (no package registry) or its vLLM bundle has."
 )
 
 
@@ -708,6 +739,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=0.28)
     ap.add_argument("--eager", action="store_true", help="GPU: no compile, no CUDA graphs")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peer-instances", type=int, choices=(1, 2), default=2,
+                    help="ExampleConnector: a saving and a loading instance (2), or one that saves, "
+                         "resets its prefix cache and loads (1; also the fallback when the budget "
+                         "has no room for two starts)")
     ap.add_argument("--shm", default="/dev/shm", help="tmpfs for ExampleConnector's store")
     ap.add_argument("--start-timeout", type=float, default=None, help="per engine (GPU 200 s)")
     ap.add_argument("--run-timeout", type=float, default=None, help="per client run (GPU 60 s)")
