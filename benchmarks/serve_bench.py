@@ -734,6 +734,9 @@ def plot(summary: dict, path: str) -> str:
             if pts:
                 ax.plot([p for p, _ in pts], [t for _, t in pts], "o-", label=arm)
         ax.set_xscale("log", base=2)
+        lengths = summary["config"]["lengths"]
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("prefix (tokens)")
         ax.set_ylabel("TTFT mean (ms)")
