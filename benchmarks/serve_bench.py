@@ -163,9 +163,12 @@ class Server:
         print(f"[{_ts()}] {self.name} ready in {self.ready_s:.0f} s ({self.base})", flush=True)
 
     def _failed(self) -> bool:
+        """The engine core died (at start, or later: e.g. its worker killed for memory) while
+        the API server process lives on."""
         with open(self.log_path, errors="replace") as f:
             text = f.read()
-        return "EngineCore failed to start" in text or "Engine core initialization failed" in text
+        return any(m in text for m in ("EngineCore failed to start", "Engine core initialization failed",
+                                       "EngineCore encountered a fatal error", "died unexpectedly"))
 
     def tail(self, n: int = 15) -> str:
         with open(self.log_path, errors="replace") as f:
