@@ -477,8 +477,11 @@ class Bench:
         cells = [dict(prefix=p, rate=r, n=a.num_prompts, seed=1000 + 10 * i + j)
                  for j, r in enumerate(a.rates) for i, p in enumerate(a.lengths)]
         servers: dict[str, Server] = {}
+        # --lean (CPU default): at most two instances at a time; R needs no state from A or B,
+        # so it runs the same prompts after A and B have stopped
+        first = (("A", MARKET), ("B", MARKET)) if a.lean else (("A", MARKET), ("B", MARKET), ("R", None))
         try:
-            for name, kv in (("A", MARKET), ("B", MARKET), ("R", None)):
+            for name, kv in first:
                 servers[name] = self.start_server(name, model, kv, env)
             cap = min(s.kv_cache_tokens() or 1 << 30 for s in servers.values())
             for cell in cells:  # every prompt of a cell must stay in A's cache until B ran
@@ -506,7 +509,8 @@ class Bench:
                 self.run_arm(servers["A"], model, cell, "exporter cold")
                 self.run_arm(servers["A"], model, cell, "exporter hit")
                 imp = self.run_arm(b, model, cell, "importer")
-                self.run_arm(servers["R"], model, cell, "no connector")
+                if not a.lean:
+                    self.run_arm(servers["R"], model, cell, "no connector")
                 want = cell["n"] * ((cell["prefix"] + a.suffix_len - 1) // BLOCK * BLOCK)
                 after = self._settled_metric(b, before + want)
                 imp["imported_tokens"], imp["importable_tokens"] = after - before, want
@@ -517,6 +521,19 @@ class Bench:
         finally:
             for s in servers.values():
                 s.stop()
+        if a.lean:
+            try:
+                r = self.start_server("R", model, None, env)
+                for cell in cells:
+                    if any(x["prefix"] == cell["prefix"] and x["rate"] == cell["rate"]
+                           for x in self.rows):  # cells the budget let through
+                        self.run_arm(r, model, cell, "no connector")
+            except Exception as e:
+                self.notes.append(f"no-connector phase stopped: {e}")
+                print(f"[{_ts()}] ERROR {e}", flush=True)
+            finally:
+                for s in self.live:
+                    s.stop()
         if a.no_peers:
             self.notes.append("peers skipped (--no-peers)")
         else:
@@ -767,6 +784,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=0.28)
     ap.add_argument("--eager", action="store_true", help="GPU: no compile, no CUDA graphs")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--lean", action=argparse.BooleanOptionalAction, default=None,
+                    help="at most two instances at a time: R runs after A and B stop (CPU default)")
     ap.add_argument("--peer-instances", type=int, choices=(1, 2), default=2,
                     help="ExampleConnector: a saving and a loading instance (2), or one that saves, "
                          "resets its prefix cache and loads (1; also the fallback when the budget "
@@ -791,6 +810,7 @@ def main(argv=None) -> int:
     args.rates = [float(x) for x in (args.rates or ("1,4" if cpu else "2,16")).split(",")]
     args.peer_rates = [float(x) for x in args.peer_rates.split(",")] if args.peer_rates else []
     args.num_prompts = args.num_prompts or (4 if cpu else 8)
+    args.lean = cpu if args.lean is None else args.lean
     args.suffix_len = args.suffix_len if args.suffix_len is not None else (32 if cpu else 64)
     args.output_len = args.output_len or (4 if cpu else 16)
     args.budget = args.budget or (3600.0 if cpu else 540.0)
