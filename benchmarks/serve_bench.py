@@ -386,7 +386,8 @@ class Bench:
         self.res_dir = os.path.join(self.log_dir, "results")
         os.makedirs(self.res_dir, exist_ok=True)
         self.client = Client(self.log_dir, args.client_cli)
-        self.live: list[Server] = []  # every server started: stop_all() ends what still runs
+        self.live: list[Server] = []  # every server started: main() stops what still runs
+        self.work: str | None = None
 
     def left(self) -> float:
         """Seconds of budget left, less 20 s for the last stops and the report."""
@@ -466,7 +467,7 @@ class Bench:
 
     def run(self) -> int:
         a = self.args
-        work = os.path.join("/tmp", f"kvmkt-serve-{os.getpid()}")
+        work = self.work = os.path.join("/tmp", f"kvmkt-serve-{os.getpid()}")
         os.makedirs(os.path.join(work, "reg"), mode=0o700, exist_ok=True)
         model = write_model(work, a.cpu, a.max_len)
         env = dict(os.environ, KVMKT_REGISTRY_SOCKET=os.path.join(work, "reg", "registry.sock"),
@@ -539,7 +540,6 @@ class Bench:
         else:
             self.peers(model, env, cells)
         self.client.kill()
-        shutil.rmtree(work, ignore_errors=True)
         return self.report()
 
     def _settled_metric(self, b: Server, target: float) -> float:
@@ -834,6 +834,8 @@ def main(argv=None) -> int:
         for srv in bench.live:
             srv.stop()
         bench.client.kill()
+        if bench.work:
+            shutil.rmtree(bench.work, ignore_errors=True)
 
 
 if __name__ == "__main__":
