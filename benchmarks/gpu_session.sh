@@ -13,6 +13,9 @@
 #   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
 #   soak     benchmarks/soak.py: >= 10k import cycles A -> B checked against R, resources at
 #            start and end (timeout 420 s, so "install soak" fits one 580 s call)
+#   serve    benchmarks/serve_bench.py: `vllm serve` exporter/importer/no-connector and an
+#            ExampleConnector pair, driven by vLLM's own `vllm bench serve` client (<= 540 s,
+#            one GPU; $OUT/serve_bench.json, serve_bench.png when matplotlib imports)
 #
 # Example (second transfer): bash benchmarks/gpu_session.sh install tests demo
 #                            bash benchmarks/gpu_session.sh install soak
@@ -83,6 +86,9 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
         --workdir /tmp/kvmkt-soak
       mkdir -p "$OUT/logs"
       for f in /tmp/kvmkt-soak/engine-*.log; do cp "$f" "$OUT/logs/soak-$(basename "$f")"; done
+      ;;
+    serve)
+      run serve python3 benchmarks/serve_bench.py --out "$OUT"
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
