@@ -178,15 +178,17 @@ def start_engines(args, work: str) -> dict[str, EngineProcess]:
                 enforce_eager=True, seed=0, max_model_len=1024,
                 max_num_seqs=max(args.batch, 16), disable_log_stats=False)
     env = {"KVMKT_REGISTRY_SOCKET": os.path.join(work, "reg", "registry.sock")}
-    if args.cpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    if args.cpu:  # a small KV cache: shared dev boxes run short of memory
+        base["kv_cache_memory_bytes"] = 256 << 20
     else:
         base["gpu_memory_utilization"] = 0.2
     small = dict(num_gpu_blocks_override=args.blocks, enable_prefix_caching=True)
     specs = {
         "A": dict(base, kv_transfer_config=CONNECTOR, **small),
         "B": dict(base, kv_transfer_config=CONNECTOR, **small),
-        "R": dict(base, enable_prefix_caching=False),
+        # no prefix cache: blocks for one batch are all it needs
+        "R": dict(base, enable_prefix_caching=False,
+                  num_gpu_blocks_override=max(args.blocks, args.batch * (args.max_blocks + 3))),
     }
     engines: dict[str, EngineProcess] = {}
     try:
