@@ -104,17 +104,19 @@ def fds(pids: list[int]) -> int:
     return n
 
 
-def shm_usage() -> tuple[int, int, int, int]:
-    """(bytes, files) of /dev/shm in all and of kvmkt files (regions, tables) only."""
+def shm_usage(ours: set[str]) -> tuple[int, int, int, int]:
+    """(bytes, files) of /dev/shm in all and of this run's kvmkt files (the engines' export
+    regions and generation tables, the registry's lookup table) only."""
     total = files = k_bytes = k_files = 0
     for name in os.listdir("/dev/shm"):
+        path = os.path.join("/dev/shm", name)
         try:
-            st = os.stat(os.path.join("/dev/shm", name))
+            st = os.stat(path)
         except OSError:
             continue
         used = st.st_blocks * 512  # allocated, not apparent, size
         total, files = total + used, files + 1
-        if name.startswith(f"kvmkt-{os.getuid()}-"):
+        if path in ours or any(name.startswith(p) for p in ours):
             k_bytes, k_files = k_bytes + used, k_files + 1
     return total, files, k_bytes, k_files
 
@@ -153,15 +155,17 @@ def snapshot(engines: dict[str, EngineProcess], registry: RegistryClient) -> dic
     b.generate([[5] * 20], max_tokens=1)  # a step, so B's gauges are current
     metrics = b.metrics()
     status = registry.status()
-    total, files, k_bytes, k_files = shm_usage()
+    ours = {registry.lookup_table_path} | {
+        f"kvmkt-{os.getuid()}-holder-{pid}-" for e in engines.values() for pid in group_pids(e.pid)}
+    total, files, k_bytes, k_files = shm_usage(ours)
     return {
         "gpu": gpu_memory(engines),
         "B mapped regions (gauge)": int(metrics.get("vllm:kvmkt_mapped_regions", 0)),
         "B mapped holder files (/proc maps)": shm_mappings(group_pids(b.pid)),
         "/dev/shm MiB": round(total / 2**20, 1),
         "/dev/shm files": files,
-        "kvmkt /dev/shm MiB": round(k_bytes / 2**20, 1),
-        "kvmkt /dev/shm files": k_files,
+        "/dev/shm MiB of this run": round(k_bytes / 2**20, 1),
+        "/dev/shm files of this run": k_files,
         **{f"fds {n}": fds(group_pids(e.pid)) for n, e in engines.items()},
         "registry holders": len(status.holders),
         "registry published blocks": status.published_blocks,
@@ -178,15 +182,17 @@ def start_engines(args, work: str) -> dict[str, EngineProcess]:
                 enforce_eager=True, seed=0, max_model_len=1024,
                 max_num_seqs=max(args.batch, 16), disable_log_stats=False)
     env = {"KVMKT_REGISTRY_SOCKET": os.path.join(work, "reg", "registry.sock")}
-    if args.cpu:
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    if args.cpu:  # a small KV cache: shared dev boxes run short of memory
+        base["kv_cache_memory_bytes"] = 256 << 20
     else:
         base["gpu_memory_utilization"] = 0.2
     small = dict(num_gpu_blocks_override=args.blocks, enable_prefix_caching=True)
     specs = {
         "A": dict(base, kv_transfer_config=CONNECTOR, **small),
         "B": dict(base, kv_transfer_config=CONNECTOR, **small),
-        "R": dict(base, enable_prefix_caching=False),
+        # no prefix cache: blocks for one batch are all it needs
+        "R": dict(base, enable_prefix_caching=False,
+                  num_gpu_blocks_override=max(args.blocks, args.batch * (args.max_blocks + 3))),
     }
     engines: dict[str, EngineProcess] = {}
     try:

@@ -33,6 +33,7 @@ BS = 16
 MAX_TOKENS = 6
 OUT = 4  # tokens an exporter generates per prompt
 OUTAGE_S = 30.0
+SMALL_KV = 64 << 20  # bytes: what the engines' start-up memory check asks for
 _rng = random.Random(4321)
 UID = os.getuid()
 
@@ -68,15 +69,17 @@ def _extra(**kw) -> dict:
 
 def start_exporter(cluster, name: str, model: str) -> None:
     if name not in cluster.engines:
-        cluster.start(name, model, connector=_extra(), num_gpu_blocks_override=128)
+        cluster.start(name, model, connector=_extra(), num_gpu_blocks_override=128,
+                      kv_cache_memory_bytes=SMALL_KV)
 
 
 @pytest.fixture(scope="module")
 def engines(cluster, tiny_model_dir):
     cluster.start("A", tiny_model_dir, connector=_extra(), disable_log_stats=False,
-                  num_gpu_blocks_override=512)
+                  num_gpu_blocks_override=512, kv_cache_memory_bytes=SMALL_KV)
     cluster.start("B", tiny_model_dir, connector=_extra(allow_fault_injection=True),
-                  disable_log_stats=False, num_gpu_blocks_override=512)
+                  disable_log_stats=False, num_gpu_blocks_override=512,
+                  kv_cache_memory_bytes=SMALL_KV)
     cluster.wait_all()
     a, b = cluster.engines["A"], cluster.engines["B"]
     for_b = [p for ps in DURING_A for p in ps] + AFTER_A + LATE
