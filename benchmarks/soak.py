@@ -23,7 +23,6 @@ CPU (small):     .venv/bin/python benchmarks/soak.py --cpu --cycles 200
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
@@ -36,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from kvmkt_connector.demo.engine_process import EngineProcess  # noqa: E402
+from kvmkt_connector.demo.engine_process import EngineProcess, fd_count, group_pids  # noqa: E402
 from kvmkt_connector.demo.tiny_model import (  # noqa: E402
     GPU_TEST_SHAPE,
     TinyLlamaShape,
@@ -80,28 +79,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------ what the processes hold
-
-def group_pids(pgid: int) -> list[int]:
-    """An engine's processes: EngineProcess puts each engine in its own process group."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                pids.append(int(entry))
-    return pids
-
-
-def fds(pids: list[int]) -> int:
-    n = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):  # exited meanwhile
-            n += len(os.listdir(f"/proc/{pid}/fd"))
-    return n
 
 
 def shm_usage(ours: set[str]) -> tuple[int, int, int, int]:
@@ -166,7 +143,7 @@ def snapshot(engines: dict[str, EngineProcess], registry: RegistryClient) -> dic
         "/dev/shm files": files,
         "/dev/shm MiB of this run": round(k_bytes / 2**20, 1),
         "/dev/shm files of this run": k_files,
-        **{f"fds {n}": fds(group_pids(e.pid)) for n, e in engines.items()},
+        **{f"fds {n}": fd_count(group_pids(e.pid)) for n, e in engines.items()},
         "registry holders": len(status.holders),
         "registry published blocks": status.published_blocks,
         "registry active leases": status.active_leases,

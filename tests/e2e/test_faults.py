@@ -18,13 +18,13 @@ registry; and B's fds, the registry's fds, RSS and entries stay flat from kill t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import time
 
 import pytest
 
+from kvmkt_connector.demo.engine_process import fd_count, group_pids
 from tests.conftest import connector_config
 
 pytestmark = pytest.mark.engine
@@ -91,29 +91,6 @@ def engines(cluster, tiny_model_dir):
 
 
 # ------------------------------------------------------------ what a process group holds
-
-def group_pids(pgid: int) -> list[int]:
-    """An engine runs in its own process group: front end, EngineCore, workers."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            pids.append(int(entry))
-    return pids
-
-
-def fd_count(pids: list[int]) -> int:
-    n = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):  # exited meanwhile
-            n += len(os.listdir(f"/proc/{pid}/fd"))
-    return n
 
 
 def rss_kib(pid: int) -> int:
