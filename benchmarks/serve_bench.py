@@ -56,6 +56,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -117,6 +118,23 @@ def _post(url: str, timeout: float = 30) -> str:
     req = urllib.request.Request(url, data=b"", method="POST")
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.read().decode()
+
+
+def completion_error(base: str, model: str, prompt_words: int, max_tokens: int) -> str | None:
+    """One completion of ``prompt_words`` words: None if it is served, else the server's
+    error text (vllm bench serve keeps only the HTTP reason, e.g. "Bad Request")."""
+    body = json.dumps({"model": model, "prompt": " ".join(f"w{3 + i % 1000}" for i in range(prompt_words)),
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(base + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+        return None
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}: {e.read().decode(errors='replace')[:300]}"
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
 
 
 def metric_total(text: str, name: str) -> float:
@@ -502,6 +520,11 @@ class Bench:
                 raise RuntimeError(f"tokenizer check failed: {chk.get('error')}")
             print(f"[{_ts()}] tokenizer: {chk.get('checked')} prompts re-encode to exactly "
                   f"prefix+suffix tokens (vocab {chk.get('vocab')})", flush=True)
+            for length in sorted({c["prefix"] for c in cells}):  # say why a length fails
+                err = completion_error(servers["A"].base, model, length + a.suffix_len, a.output_len)
+                if err:
+                    self.notes.append(f"a {length + a.suffix_len}-word prompt is refused: {err}")
+                    print(f"[{_ts()}] probe {length}: {err}", flush=True)
             b = servers["B"]
             before = b.metric(IMPORT_METRIC)
             for cell in cells:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvmkt_connector.logs import get_logger
 from kvmkt_connector.transport import cuda_driver as cu
 from kvmkt_connector.transport.descriptors import (
     CudaIpcDescriptor,
@@ -35,6 +37,7 @@ from kvmkt_connector.transport.layout import KVPageLayout
 from kvmkt_connector.transport.page_copy import PageCopier, SegmentTable
 
 IDLE_CLOSE_S = 60.0
+logger = get_logger(__name__)
 
 
 def describe_exports(layout: KVPageLayout) -> CudaIpcDescriptor:
@@ -100,6 +103,11 @@ class CudaIpcImporter:
         self._inflight: list[tuple[torch.cuda.Event, list[bytes], Any]] = []
         self._next_sweep = 0.0
         self._copier = PageCopier(layout.device, **launch)
+        # Mappings of a dead exporter keep its whole KV cache allocated: an idle engine (no
+        # steps, so no sweep from poll) must still let go within seconds.
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     def _bases(self, desc: CudaIpcDescriptor) -> list[int]:
         now = time.monotonic()
@@ -108,6 +116,7 @@ class CudaIpcImporter:
             entry = self._mapped.get(handle)
             if entry is None:
                 entry = self._mapped[handle] = [cu.open_ipc_handle(handle), now, desc.pid]
+                self._start_sweeper()
             entry[1] = now
             bases.append(entry[0])
         return bases
@@ -156,7 +165,22 @@ class CudaIpcImporter:
         return event
 
     def load(self, desc: CudaIpcDescriptor, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> torch.cuda.Event:
-        return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
+        with self._lock:
+            return self.execute(self.plan(desc, src_blocks, dst_blocks), desc.handles)
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = threading.Thread(target=self._sweep_loop, daemon=True,
+                                             name="kvmkt-ipc-sweep")
+            self._sweeper.start()
+
+    def _sweep_loop(self) -> None:
+        torch.cuda.set_device(self.layout.device)  # the driver calls need our context
+        while not self._stop.wait(1.0):
+            try:
+                self.sweep()
+            except Exception as e:  # never let housekeeping take a worker down
+                logger.debug("kvmkt: IPC sweep failed: %s", e)
 
     @property
     def mapped_handles(self) -> int:
@@ -165,7 +189,11 @@ class CudaIpcImporter:
 
     def sweep(self) -> None:
         """Close mappings of dead or idle exporters that no copy in flight uses (checked at
-        most once a second: it runs every step)."""
+        most once a second: from every step and from the sweeper thread)."""
+        with self._lock:
+            self._sweep_locked()
+
+    def _sweep_locked(self) -> None:
         self._inflight = [x for x in self._inflight if not x[0].query()]
         now = time.monotonic()
         if now < self._next_sweep or not self._mapped:
@@ -184,6 +212,11 @@ class CudaIpcImporter:
                     del self._seg_tables[key]
 
     def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            self._close_locked()
+
+    def _close_locked(self) -> None:
         torch.cuda.synchronize(self.layout.device)
         self._inflight.clear()
         for ptr, _, _ in self._mapped.values():
