@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata
+from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata, MarketplaceHandshake
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplacePromMetrics, MarketplaceStats
 from kvmkt_connector.plugin import register as register_connector_name
@@ -106,6 +106,11 @@ class MarketplaceConnector(KVConnectorBase_V1):
         cfg = MarketplaceConfig.from_extra_config(tc.kv_connector_extra_config)
         self._scheduler = None
         self._worker = None
+        # Alone, vLLM's handshake channel brings the workers' layouts to the scheduler at
+        # startup (an idle engine registers its exports before any request). Under
+        # MultiConnector that channel carries one child's data to every child, so layouts
+        # then travel in the worker metadata of the first step instead.
+        self._alone = _multi_connector_parent() is None
         if role == KVConnectorRole.SCHEDULER:
             from kvmkt_connector.connector.scheduler import MarketplaceScheduler
 
@@ -122,6 +127,11 @@ class MarketplaceConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
+
+    def get_handshake_metadata(self) -> Any:
+        if self._worker is None or not self._alone:
+            return None
+        return self._worker.handshake()
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -159,6 +169,11 @@ class MarketplaceConnector(KVConnectorBase_V1):
             half.shutdown()
 
     # ================================================================ scheduler side
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        handshakes = {r: m for r, m in metadata.items() if isinstance(m, MarketplaceHandshake)}
+        if self._alone and handshakes:
+            self._scheduler.on_startup_handshakes(handshakes)
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
         caller = sys._getframe(1).f_locals.get("self")

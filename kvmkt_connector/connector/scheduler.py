@@ -151,6 +151,10 @@ class MarketplaceScheduler:
             return False
         return True
 
+    def on_startup_handshakes(self, handshakes: dict[int, MarketplaceHandshake]) -> None:
+        """vLLM's handshake channel (we are its only connector): layouts before any step."""
+        self._on_handshakes(handshakes)
+
     def _on_handshakes(self, handshakes: dict[int, MarketplaceHandshake]) -> None:
         if not self._awaiting_layout:
             return
