@@ -153,8 +153,9 @@ class OfferView:
             new: frozenset[int] = frozenset()
             if block is not None:
                 new = frozenset(self._bits[k]) & self._usable
-                if new and block.parent:
-                    new &= self.via.get(block.parent, frozenset())
+                if new and block.parent:  # a parent gone in this same batch holds nothing
+                    parent_via = self.via.get(block.parent) if block.parent in self.blocks else None
+                    new &= parent_via or frozenset()
             old = self.via.get(k, frozenset())
             if new == old:
                 continue

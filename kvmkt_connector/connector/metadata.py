@@ -2,9 +2,9 @@
 
 Scheduler -> workers, every step: ``MarketplaceConnectorMetadata`` (pickled by vLLM).
 Workers -> scheduler, every step: ``MarketplaceWorkerMetadata`` (summed across TP ranks).
-Workers -> scheduler, at startup: ``MarketplaceHandshake``, inside the worker metadata of
-the steps whose scheduler metadata asks for it. Not vLLM's handshake channel: under
-MultiConnector that carries only the first child's handshake, to every child.
+Workers -> scheduler, at startup: ``MarketplaceHandshake``. Alone, through vLLM's handshake
+channel; under MultiConnector (whose channel carries only the first child's handshake, to
+every child) inside the worker metadata of the steps whose scheduler metadata asks for it.
 
 Jobs carry ids so completion can be counted per rank: a job is done when every rank says so.
 """

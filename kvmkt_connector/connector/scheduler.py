@@ -1,8 +1,9 @@
 """Scheduler side: wires the registry link, the import planner and the export ledger.
 
-Nothing is shared until every worker has reported its KV layout (its MarketplaceHandshake,
-sent in the worker metadata of the first steps): only then is the compatibility fingerprint
-complete, and with it the namespace of our keys. Until then, new requests wait (a step).
+Nothing is shared until every worker has reported its KV layout (its MarketplaceHandshake:
+through vLLM's handshake channel at startup when we are the only connector, else in the
+worker metadata of the first steps): only then is the compatibility fingerprint complete,
+and with it the namespace of our keys. Until then, new requests wait (a step).
 """
 
 from __future__ import annotations

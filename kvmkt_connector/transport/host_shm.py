@@ -137,8 +137,10 @@ class HostPageRegion:
 
     def close(self) -> None:
         if self.device_base:  # before unmapping: CUDA must let go of the pages first
-            with contextlib.suppress(TransferError):
+            try:
                 cu.host_unregister(self._host_base)
+            except TransferError as e:
+                logger.warning("kvmkt: %s stays page-locked: %s", self.descriptor.path, e)
             self.device_base = 0
         self.keys = None  # type: ignore[assignment]
         self.segments = []
@@ -318,8 +320,13 @@ class HostShmImporter:
         return gone
 
     def _sweep_loop(self) -> None:
+        if self.layout.device.type == "cuda":  # unregistering page-locked regions needs our context
+            torch.cuda.set_device(self.layout.device)
         while not self._stop.wait(SWEEP_S):
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception as e:  # housekeeping must never end: log and go on
+                logger.warning("kvmkt: host_shm sweep failed: %s", e)
 
     def forget(self, path: str) -> None:
         with self._lock:

@@ -111,3 +111,16 @@ def test_runs_shorter_than_an_import_are_not_announced() -> None:
     view = OfferView(max_blocks=5000, min_run=2)
     assert len(view.apply(listed(long, A), frozenset({A}))) == 2000
     assert len(view.apply(unlisted(long[:1], A), frozenset({A}))) == 2000
+
+
+def test_a_child_listed_as_its_unannounced_parent_goes_is_not_announced() -> None:
+    """One poll lists block 1 and unlists block 0 (never announced alone: a run needs 2
+    blocks): nothing is announced and the view does not trip over the parent's stale
+    state (it used to raise KeyError and resync from a snapshot)."""
+    view = OfferView(max_blocks=100, min_run=2)
+    assert view.apply(listed(PREFIX[:1], A), frozenset({A})) == []
+    assert view.apply(listed(PREFIX[1:2], A) + unlisted(PREFIX[:1], A), frozenset({A})) == []
+    assert list(view.announced) == []
+    # The parent comes back: the run of 2 is announced, parent first.
+    assert view.apply(listed(PREFIX[:1], A), frozenset({A})) == [(True, PREFIX[0].key),
+                                                                 (True, PREFIX[1].key)]
