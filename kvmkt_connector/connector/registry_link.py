@@ -98,9 +98,10 @@ class RegistryLink:
             try:
                 return fn(client)
             except RegistryUnavailable as e:
-                self._down(f"lost the registry: {e}", time.monotonic() - t0)
-                if attempt == 0:
-                    self._retry_at = 0.0
+                took = time.monotonic() - t0
+                self._down(f"lost the registry: {e}", took)
+                if attempt == 0 and took < 0.05:  # a closed connection, not a hung registry:
+                    self._retry_at = 0.0  # a slow one must not cost two timeouts per request
                     continue
             except RegistryError as e:
                 logger.warning("kvmkt: registry refused a request: %s", e)
