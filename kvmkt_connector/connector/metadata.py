@@ -59,6 +59,7 @@ class MarketplaceConnectorMetadata(KVConnectorMetadata):
     step: int = 0  # this step's sequence number (scheduler side)
     ack: bool = False  # workers echo ``step`` back: the exporter waits for steps to end
     want_layout: bool = False  # workers send their MarketplaceHandshake (startup)
+    outputs: bool = True  # the step outputs for some request: stats may go out with it
 
 
 @dataclass

@@ -12,6 +12,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -115,6 +116,12 @@ class MarketplaceScheduler:
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
         self._step_runs = True  # the last scheduled step computes tokens
+        # Offline LLM records a step's stats only if the step has request outputs (vLLM 0.26
+        # llm_engine.py), so stats wait for such a step: per scheduled step, in order
+        # (async scheduling schedules step N+1 before step N's output is processed), whether
+        # it will output; and per request, the token count at which it samples.
+        self._output_steps: deque[bool] = deque(maxlen=64)
+        self._sample_at: dict[str, int] = {}
         ev = vllm_config.kv_events_config
         self._kv_events_on = bool(ev and ev.enable_kv_cache_events and cfg.kv_events_medium)
         self._events: KvEventFeed | None = None
@@ -261,6 +268,7 @@ class MarketplaceScheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_local: int
     ) -> tuple[int | None, bool]:
+        self._sample_at[request.request_id] = request.num_tokens  # (see _output_steps)
         if self._layout_pending():
             return None, False  # "ask again next step" (vLLM keeps the request waiting)
         if not self._import or self._keyer is None or request.skip_reading_prefix_cache:
@@ -289,6 +297,8 @@ class MarketplaceScheduler:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
+        outputs = self._step_runs and _has_outputs(scheduler_output, self._sample_at)
+        self._output_steps.append(outputs)
         step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
         loads = self._planner.take_jobs()
         if self._trace:  # not a loop over every step's requests unless asked for
@@ -298,7 +308,7 @@ class MarketplaceScheduler:
                                f"loads={len(loads)}")
         return MarketplaceConnectorMetadata(
             loads=loads, saves=saves, idle_step=not self._step_runs, step=step, ack=ack,
-            want_layout=self._awaiting_layout,
+            want_layout=self._awaiting_layout, outputs=outputs,
         )
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
@@ -375,6 +385,7 @@ class MarketplaceScheduler:
             self._not_run.discard(request.request_id)
             unsure = True
         imported = self._planner.on_request_finished(request.request_id)
+        self._sample_at.pop(request.request_id, None)
         keys = self._keys.pop(request.request_id, None)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
@@ -390,10 +401,10 @@ class MarketplaceScheduler:
     # ------------------------------------------------------------ lifecycle
 
     def take_stats(self) -> MarketplaceStats | None:
-        # Offline LLM drops the stats of steps without request outputs (vLLM 0.26
-        # llm_engine.py: record only if outputs): imports complete in such steps when
-        # nothing else runs, so keep counting until a step that computes something.
-        return self.stats.take() if self._step_runs else None
+        """Called once per processed step output, oldest first: stats go out only with
+        a step that has request outputs (see ``_output_steps``), else they keep counting."""
+        outputs = self._output_steps.popleft() if self._output_steps else False
+        return self.stats.take() if outputs else None
 
     def has_pending_exports(self) -> bool:
         return (self._ledger is not None and self._ledger.has_pending()) or (
@@ -424,3 +435,16 @@ class MarketplaceScheduler:
         for table in self._tables.values():
             table.close()
         self._link.close()
+
+
+def _has_outputs(out: SchedulerOutput, sample_at: dict[str, int]) -> bool:
+    """Whether a scheduled step will output for some request: one whose computed plus
+    scheduled tokens reach the count at which it samples (a chunk of a long prefill does
+    not). Requests never looked up count as not sampling: their stats wait a step more."""
+    sched = out.num_scheduled_tokens
+    if any(r.num_computed_tokens + sched.get(r.req_id, 0) >= sample_at.get(r.req_id, 1 << 62)
+           for r in out.scheduled_new_reqs):
+        return True
+    cached = out.scheduled_cached_reqs
+    return any(done + sched.get(rid, 0) >= sample_at.get(rid, 1 << 62)
+               for rid, done in zip(cached.req_ids, cached.num_computed_tokens, strict=False))

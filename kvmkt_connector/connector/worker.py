@@ -61,6 +61,7 @@ class MarketplaceWorker:
         self._export = export
         self._rank = _tp_rank()
         self._stats = MarketplaceStats()
+        self._stats_go_out = True
         self._layout: KVPageLayout | None = None
         self._spec: KVLayoutSpec | None = None
         self._problem = ""
@@ -192,6 +193,7 @@ class MarketplaceWorker:
         if self._trace:
             trace(logger, "-", f"worker-start loads={len(meta.loads)} idle={meta.idle_step}")
         self._idle_step = meta.idle_step and bool(meta.loads)
+        self._stats_go_out = meta.outputs
         if meta.ack:  # this step's output then carries worker metadata, so vLLM hands it on
             self._done.acked_step = meta.step
         if meta.want_layout:  # startup: the scheduler learns our layout from this step's output
@@ -243,6 +245,10 @@ class MarketplaceWorker:
         return done if done else None
 
     def take_stats(self) -> MarketplaceStats | None:
+        """Stats go out only with a step that outputs for some request (offline LLM drops
+        the others'; see the scheduler's ``_output_steps``); until then they accumulate."""
+        if not self._stats_go_out:
+            return None
         mapped = self.mapped_regions()
         if mapped or "mapped_regions" in self._stats.data["g"]:
             self._stats.gauge("mapped_regions", mapped)

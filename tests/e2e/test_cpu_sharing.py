@@ -160,7 +160,11 @@ def test_reported_load_failures_are_recomputed(engines):
     mismatches = [i for i, (g, w) in enumerate(zip(got, ref, strict=True)) if g.token_ids != w.token_ids]
     assert not mismatches, f"outputs differ after reported failures: {mismatches}"
     failed = after["vllm:kvmkt_fallback_load_error"] - before["vllm:kvmkt_fallback_load_error"]
-    assert failed >= sum(len(p) // BS for p in FAILING) // 2  # the failures did happen
+    deltas = {k.removeprefix("vllm:kvmkt_"): after[k] - before.get(k, 0)
+              for k in after if k.startswith("vllm:kvmkt_") and isinstance(after[k], int | float)}
+    # the failures did happen, and were counted (offline LLM drops the stats of steps
+    # without request outputs: chunked prefill steps here, which the connector must skip)
+    assert failed == sum(len(p) // BS for p in FAILING), deltas
     # the engine is still serving and importing
     (again,) = b.generate([AFTER_FAIL + fresh(30)], max_tokens=MAX_TOKENS)
     assert again.imported_tokens == (len(AFTER_FAIL) // BS) * BS
