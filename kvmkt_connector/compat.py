@@ -137,6 +137,14 @@ def _hf_config_digest(hf_config: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _kv_cache_dtype(cache_config: Any) -> str:
+    """The KV cache dtype, and the layers it leaves unquantized if any (a suffix, so the
+    namespace of configurations without any stays what it was)."""
+    skip = getattr(cache_config, "kv_cache_dtype_skip_layers", None)
+    dtype = str(cache_config.cache_dtype)
+    return f"{dtype} skip {','.join(map(str, skip))}" if skip else dtype
+
+
 def fingerprint_from_vllm_config(vllm_config: Any) -> CompatFingerprint:
     """The model-level fingerprint of an instance (``kv_layout`` still unset)."""
     import vllm
@@ -154,7 +162,7 @@ def fingerprint_from_vllm_config(vllm_config: Any) -> CompatFingerprint:
         hf_config=_hf_config_digest(mc.hf_config),
         architecture=str(getattr(mc, "architecture", None) or mc.hf_config.architectures[0]),
         dtype=str(mc.dtype).removeprefix("torch."),
-        kv_cache_dtype=str(cc.cache_dtype),
+        kv_cache_dtype=_kv_cache_dtype(cc),
         calculate_kv_scales=bool(getattr(cc, "calculate_kv_scales", False)),
         quantization=mc.quantization,
         # Token ids, not text, are keyed, so the tokenizer only has to be named the same way

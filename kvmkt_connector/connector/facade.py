@@ -163,6 +163,11 @@ class MarketplaceConnector(KVConnectorBase_V1):
         half = self._worker or self._scheduler
         return half.take_stats() if half is not None else None
 
+    def mapped_regions(self) -> int:
+        """Neighbours' regions this worker maps now (what ``vllm:kvmkt_mapped_regions``
+        reports at a step): tests read it through ``collective_rpc``, which needs no step."""
+        return self._worker.mapped_regions() if self._worker is not None else 0
+
     def shutdown(self) -> None:
         half = self._worker or self._scheduler
         if half is not None:

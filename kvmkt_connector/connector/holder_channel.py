@@ -11,7 +11,10 @@ The thread also syncs released locations periodically, and re-registers after lo
 registry (a restarted one, or one it starts itself). It keeps the set of entries it has
 offered (every publish, unpublish and release passes through it, in order), so right after
 registering again it publishes them all: an idle exporter, whose scheduler does not step,
-is found again within a second of the registry's return.
+is found again within a second of the registry's return. Large publishes go in chunks
+(``protocol.publish_chunks``): all an instance offers does not fit in one frame. A
+registry that is there but fails the registration (or the publishing again) is tried
+again after a pause that doubles up to 5 s, not in a tight loop.
 """
 
 from __future__ import annotations
@@ -27,8 +30,15 @@ from typing import Any
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.registry.client import RegistryClient
+from kvmkt_connector.registry.protocol import (
+    PUBLISH_CHUNK_BYTES,
+    location_chunks,
+    publish_chunks,
+)
 
 logger = get_logger(__name__)
+_BACKOFF_MIN_S = 0.2
+_BACKOFF_MAX_S = 5.0
 
 
 @dataclass
@@ -50,8 +60,14 @@ class ChannelEvent:
 
 
 class HolderChannel:
-    def __init__(self, cfg: MarketplaceConfig, client_name: str, reg: HolderRegistration) -> None:
+    def __init__(
+        self, cfg: MarketplaceConfig, client_name: str, reg: HolderRegistration,
+        chunk_bytes: int = PUBLISH_CHUNK_BYTES,
+    ) -> None:  # fmt: skip
+        """``chunk_bytes``: most bytes of one Publish/Unpublish message (tests lower it)."""
         self._cfg = cfg
+        self._chunk_bytes = chunk_bytes
+        self._failures = 0  # registrations in a row that failed once connected
         self._client_name = client_name
         self._reg = reg
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -158,25 +174,38 @@ class HolderChannel:
                 return
             self._offered.update(zip(locations, keys, strict=True))
             self._remember_tokens(tokens)
-            released = client.publish(keys, locations, tokens)
-            self._emit("published", locations)
-            self._emit("released", released)
+            self._publish(client, keys, locations, tokens, count=True)
         elif op[0] == "reclaim":
             self._emit("released", client.reclaim(op[1]))
         elif op[0] == "unpublish":
             for loc in op[1]:
                 self._offered.pop(loc, None)
-            released, pending = client.unpublish(op[1])  # leased ones come back via sync
-            self._emit("released", released)
+            pending = 0
+            for part in location_chunks(op[1], self._chunk_bytes):
+                released, n = client.unpublish(part)  # leased ones come back via sync
+                self._emit("released", released)
+                pending += n
             if len(op[1]) > 64:  # resets and large withdrawals: worth a line
                 logger.info("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)
 
+    def _publish(self, client: RegistryClient, keys: list[bytes], locations: list[int],
+                 tokens: list, count: bool = False) -> None:
+        """In chunks; each chunk's reply is applied before the next is sent, so a connection
+        lost midway loses no released locations. ``count``: new exports (not a republish)."""
+        for msg in publish_chunks(keys, locations, tokens, self._chunk_bytes):
+            released = client.publish(msg.keys, msg.locations, msg.tokens)
+            if count:
+                self._emit("published", msg.locations)
+            self._emit("released", released)
+
     def _not_done(self, op: tuple | None, unknown: bool = False) -> None:
         """``op`` did not (certainly) happen: remember what it meant to offer, so the next
-        registration publishes it. Nothing else to undo: pages are checked by their tag."""
+        registration publishes it. Nothing else to undo: pages are checked by their tag.
+        ``unknown``: ``_apply`` already recorded it (and chunks of it may have been answered:
+        what they released is not offered again)."""
         if op is None:
             return
-        if op[0] == "publish" and op[3] == self._epoch:
+        if op[0] == "publish" and op[3] == self._epoch and not unknown:
             self._offered.update(zip(op[2], op[1], strict=True))
             self._remember_tokens(op[4])
         elif op[0] == "unpublish":
@@ -209,11 +238,7 @@ class HolderChannel:
                 autostart=self._cfg.registry_autostart,
                 timeout_s=self._cfg.registry_timeout_ms / 1000,
             )
-            r = self._reg
-            accepted = client.register_holder(
-                r.namespace, r.name, r.fingerprint, r.descriptor, r.cleanup_paths
-            )
-        except Exception as e:
+        except Exception as e:  # none listens (retried soon: a new one is used at once)
             delay = self._cfg.retry_delay(time.monotonic() - t0)
             if self.connected or self.generation == 0:
                 logger.warning("kvmkt: cannot register as holder (%s); retrying in %.1f s",
@@ -221,20 +246,32 @@ class HolderChannel:
             self.connected = False
             self._stop.wait(delay)
             return None
-        self.holder_id, self.holder_bit = accepted.holder_id, accepted.holder_bit
-        self.generation += 1
-        if self._offered:
-            try:
+        r = self._reg
+        try:
+            accepted = client.register_holder(
+                r.namespace, r.name, r.fingerprint, r.descriptor, r.cleanup_paths
+            )
+            self.holder_id, self.holder_bit = accepted.holder_id, accepted.holder_bit
+            self.generation += 1
+            if self._offered:
                 locations = list(self._offered)
                 keys = [self._offered[loc] for loc in locations]
                 tokens = [t for t in map(self._tokens.get, keys) if t is not None]
-                client.publish(keys, locations, tokens)
-            except Exception as e:  # try the whole registration again later
-                logger.warning("kvmkt: registry lost while publishing again: %s", e)
-                with contextlib.suppress(Exception):
-                    client.close()
-                return None
-            logger.info("kvmkt: published %d offered pages again", len(locations))
+                self._publish(client, keys, locations, tokens)
+                logger.info("kvmkt: published %d offered pages again", len(locations))
+        except Exception as e:
+            # A registry that answers but fails us would fail us again at once: back off.
+            with contextlib.suppress(Exception):
+                client.close()
+            self.connected = False
+            self._failures += 1
+            delay = max(min(_BACKOFF_MIN_S * 2 ** (self._failures - 1), _BACKOFF_MAX_S),
+                        self._cfg.retry_delay(time.monotonic() - t0))
+            logger.warning("kvmkt: registering as holder failed (%s); retrying in %.1f s",
+                           e, delay)
+            self._stop.wait(delay)
+            return None
+        self._failures = 0
         self._client = client
         self.connected = True
         logger.info("kvmkt: registered with the registry as holder %d (%s)", accepted.holder_id, r.name)

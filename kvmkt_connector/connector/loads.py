@@ -19,7 +19,6 @@ stall (``stall_s``) is bounded by the request's own parameter.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from kvmkt_connector.transport.descriptors import (
     TransferError,
     process_alive,
 )
-from kvmkt_connector.transport.generations import GenerationTable, decode_locations
+from kvmkt_connector.transport.generations import MappedTables, decode_locations
 from kvmkt_connector.transport.layout import KVPageLayout
 
 logger = get_logger(__name__)
@@ -78,9 +77,8 @@ class LoadRunner:
                         if shm_importer is not None else None)
         self._loads: list[_Load] = []
         self._failed_now: list[tuple[LoadJob, str]] = []
-        self._tables: dict[str, GenerationTable] = {}
+        self._tables = MappedTables(_MAX_TABLES)
         self._holders: dict[bytes, HolderDescriptor] = {}
-        self._next_table_check = 0.0
 
     # ------------------------------------------------------------ issue
 
@@ -116,7 +114,7 @@ class LoadRunner:
         job, holder = load.job, load.holder
         assert holder is not None
         if holder.generations is not None and job.fault != "stall_unchecked":
-            table = self._table(holder.generations.path, holder.generations.num_blocks)
+            table = self._tables.get(holder.generations.path, holder.generations.num_blocks)
             if table.unchanged_prefix(load.src) < load.src.size:
                 raise TransferError("the holder rewrote pages before the copy")
 
@@ -147,7 +145,7 @@ class LoadRunner:
         job = load.job
         if holder.generations is None:
             raise TransferError("in-place holder without a generation table")
-        table = self._table(holder.generations.path, holder.generations.num_blocks)
+        table = self._tables.get(holder.generations.path, holder.generations.num_blocks)
         blocks, _ = decode_locations(src)
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self._layout.device))
@@ -199,16 +197,6 @@ class LoadRunner:
         for view in self._layout.views:
             view.index_fill_(0, idx, 0)
 
-    def _table(self, path: str, num_blocks: int) -> GenerationTable:
-        table = self._tables.get(path)
-        if table is None:
-            table = GenerationTable.open(path, num_blocks)
-            while len(self._tables) >= _MAX_TABLES:  # e.g. tables of dead holders
-                # not closed: a copy in flight may still check it; unmapped once unreferenced
-                self._tables.pop(next(iter(self._tables)))
-            self._tables[path] = table
-        return table
-
     # ------------------------------------------------------------ completion
 
     def poll(self, wait_s: float = 0.0) -> LoadResults:
@@ -244,18 +232,8 @@ class LoadRunner:
         self._loads = still
         if self._ipc is not None:
             self._ipc.sweep()
-        self._forget_gone_tables()
+        self._tables.sweep()  # tables of holders that went
         return out
-
-    def _forget_gone_tables(self) -> None:
-        """Drop generation tables whose file is gone (the holder went), at most once a
-        second; not closed: a copy in flight may still check one, unmapped once unreferenced."""
-        now = time.monotonic()
-        if now < self._next_table_check or not self._tables:
-            return
-        self._next_table_check = now + 1.0
-        for path in [p for p in self._tables if not os.path.exists(p)]:
-            del self._tables[path]
 
     def _report(self, out: LoadResults, job: LoadJob, failure: str | None) -> None:
         trace(logger, job.request_id, "copied" if failure is None else "copy failed")
@@ -275,6 +253,4 @@ class LoadRunner:
             self._thread.shutdown(wait=True)
         if self._cuda:
             torch.cuda.synchronize(self._layout.device)
-        for table in self._tables.values():
-            table.close()
-        self._tables.clear()
+        self._tables.close()

@@ -45,7 +45,7 @@ from kvmkt_connector.transport.descriptors import (
     RankDescriptor,
     TransferError,
 )
-from kvmkt_connector.transport.generations import GenerationTable
+from kvmkt_connector.transport.generations import GenerationTable, MappedTables
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -106,7 +106,7 @@ class MarketplaceScheduler:
         self._keyer: BlockKeyer | None = None
         self._num_blocks = kv_cache_config.num_blocks
         self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._usable)
-        self._tables: dict[str, GenerationTable] = {}  # holders' generations, by path
+        self._tables = MappedTables(_MAX_MAPPED_TABLES)  # holders' generations
         self._holders: dict[bytes, HolderDescriptor] = {}  # decoded descriptors, by blob
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
@@ -293,6 +293,7 @@ class MarketplaceScheduler:
             self._not_run = {r for r in self._not_run if r not in scheduled}
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
+        self._tables.sweep()  # tables of holders that went (at most once a second)
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
@@ -365,16 +366,11 @@ class MarketplaceScheduler:
             return None
         if holder.generations is None:
             return len(locations)  # staged slots: their keys are checked when copied
-        table = self._tables.get(holder.generations.path)
-        if table is None:
-            try:
-                table = GenerationTable.open(holder.generations.path, holder.generations.num_blocks)
-            except TransferError as e:
-                logger.info("kvmkt: holder pages unreachable: %s", e)
-                return None
-            while len(self._tables) >= _MAX_MAPPED_TABLES:  # e.g. tables of dead holders
-                self._tables.pop(next(iter(self._tables)))  # unmapped once unreferenced
-            self._tables[table.path] = table
+        try:
+            table = self._tables.get(holder.generations.path, holder.generations.num_blocks)
+        except TransferError as e:
+            logger.info("kvmkt: holder pages unreachable: %s", e)
+            return None
         return table.unchanged_prefix(locations)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
@@ -432,8 +428,7 @@ class MarketplaceScheduler:
         self._planner.shutdown()
         if self._ledger is not None:
             self._ledger.shutdown()
-        for table in self._tables.values():
-            table.close()
+        self._tables.close()
         self._link.close()
 
 

@@ -106,6 +106,8 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
             elif cmd == "metrics":
                 conn.send(("ok", [(m.name, getattr(m, "value", getattr(m, "count", None)))
                                   for m in llm.get_metrics()]))  # histograms: their count
+            elif cmd == "mapped_regions":  # needs VLLM_ALLOW_INSECURE_SERIALIZATION=1
+                conn.send(("ok", sum(llm.collective_rpc(_worker_mapped_regions))))
             elif cmd == "reset_prefix_cache":
                 conn.send(("ok", llm.reset_prefix_cache(**args)))
             elif cmd == "stop":
@@ -115,6 +117,13 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
         except BaseException:
             conn.send(("error", traceback.format_exc()))
     sys.exit(0)
+
+
+def _worker_mapped_regions(worker: Any) -> int:
+    """Run in each worker by ``collective_rpc`` (a utility call: the engine does not step)."""
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group().mapped_regions()
 
 
 def _generate(llm: Any, inputs: list, sps: list, logprobs: int | None) -> list[Completion]:
@@ -191,6 +200,11 @@ class EngineProcess:
 
     def metrics(self) -> dict[str, Any]:
         return dict(self._call("metrics"))
+
+    def mapped_regions(self) -> int:
+        """Neighbours' regions the workers map now, asked without a step (``collective_rpc``
+        of a function: the engine needs ``VLLM_ALLOW_INSECURE_SERIALIZATION=1``)."""
+        return self._call("mapped_regions")
 
     def reset_prefix_cache(self, reset_running_requests: bool = False,
                            reset_connector: bool = False) -> bool:

@@ -48,6 +48,9 @@ class RegistryCollector:
              counters.blocks_released_lru),
             ("kvmkt_registry_holders_lost", "Holders dropped (connection closed or pid gone).",
              counters.holders_lost),
+            ("kvmkt_registry_slow_clients_dropped",
+             "Connections dropped for leaving too many replies unread.",
+             counters.slow_clients_dropped),
         ]  # fmt: skip
         for name, doc, value in totals:
             yield CounterMetricFamily(name, doc, value=value)  # exposed as <name>_total

@@ -27,6 +27,8 @@ Concepts:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import msgspec
 
 PROTOCOL_VERSION = 2  # 2: Publish.tokens, Offers
@@ -38,6 +40,10 @@ MAX_HOLDERS = 64  # holder bits of the shared-memory lookup table
 MAX_OFFER_CHANGES = 4096  # per OfferFeed reply
 MAX_OFFER_TOKEN_BYTES = 2 << 20  # token bytes per OfferFeed reply (well under a frame)
 MAX_BLOCK_TOKEN_BYTES = 4 * 4096  # BlockTokens.tokens
+# A holder sends a large Publish/Unpublish (e.g. everything it offers, after registering
+# again) in messages of at most this many bytes: well under a frame, and short enough that
+# the single-threaded registry serves other clients between them.
+PUBLISH_CHUNK_BYTES = 1 << 20
 
 
 class _Msg(msgspec.Struct, tag_field="op", forbid_unknown_fields=True):
@@ -280,3 +286,43 @@ Reply = (
     | RegistryStatus
     | ErrorReply
 )
+
+
+# ---------------------------------------------------------------- chunking
+
+_MSG_OVERHEAD = 128  # tag, field names, list headers
+_LOCATION_BYTES = 9  # msgpack int64
+
+
+def publish_chunks(
+    keys: Sequence[bytes], locations: Sequence[int], tokens: Sequence[BlockTokens] = (),
+    max_bytes: int = PUBLISH_CHUNK_BYTES,
+) -> list[Publish]:
+    """``Publish`` messages listing ``keys[i]`` at ``locations[i]``, in order, each encoding
+    to at most ``max_bytes`` (an upper bound per entry, not an encode per try); a block's
+    tokens travel with its key (the registry refuses tokens of keys not in the same
+    Publish), tokens of keys not listed are left out. One message if ``keys`` is empty."""
+    if len(keys) != len(locations):
+        raise ValueError(f"{len(keys)} keys but {len(locations)} locations")
+    by_key = {t.key: t for t in tokens}
+    out: list[Publish] = []
+    start, size, chunk_tokens = 0, _MSG_OVERHEAD, []
+    for i, key in enumerate(keys):
+        block = by_key.pop(key, None)
+        cost = len(key) + 5 + _LOCATION_BYTES  # bin header + key, int
+        if block is not None:  # array header + 3 bin headers and bodies
+            cost += 16 + len(block.key) + len(block.parent) + len(block.tokens)
+        if i > start and size + cost > max_bytes:
+            out.append(Publish(list(keys[start:i]), list(locations[start:i]), chunk_tokens))
+            start, size, chunk_tokens = i, _MSG_OVERHEAD, []
+        size += cost
+        if block is not None:
+            chunk_tokens.append(block)
+    out.append(Publish(list(keys[start:]), list(locations[start:]), chunk_tokens))
+    return out
+
+
+def location_chunks(locations: Sequence[int], max_bytes: int = PUBLISH_CHUNK_BYTES) -> list[list[int]]:
+    """``locations`` cut into lists that each fit an ``Unpublish`` of at most ``max_bytes``."""
+    n = max(1, (max_bytes - _MSG_OVERHEAD) // _LOCATION_BYTES)
+    return [list(locations[i : i + n]) for i in range(0, len(locations), n)] or [[]]

@@ -76,3 +76,4 @@ class RegistryCounters:
     blocks_leased: int = 0
     blocks_released_lru: int = 0
     holders_lost: int = 0
+    slow_clients_dropped: int = 0  # connections over the reply backlog (service.py)

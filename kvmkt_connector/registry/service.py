@@ -5,7 +5,11 @@ and one output buffer per connection. Requests are answered in order from
 ``PrefixRegistry``; the shared-memory lookup table is kept in step through the registry's
 KeyListener hook. Being single-threaded is what makes the registry's state consistent
 without locks; every request is O(keys it names), so one slow client cannot stall others
-for long, and a client that stops reading gets disconnected once its backlog is too big.
+for long. What one connection can make us buffer is bounded: incoming, one frame
+(``MAX_FRAME_BYTES``) plus one read; outgoing, ``MAX_BACKLOG_BYTES`` of replies it has not
+read: past that (a client that pipelines requests and reads slowly or never) it is
+disconnected, with a log line and ``kvmkt_registry_slow_clients_dropped_total``. The check
+runs after every reply, since one read of small requests can ask for many large replies.
 
 Crash-only: an unexpected exception while handling a request ends the service (socket and
 lookup table removed) instead of serving from a state that may be inconsistent, since a
@@ -31,7 +35,7 @@ from .framing import FrameDecoder, FrameError, decode_request, encode_frame
 from .index import PrefixRegistry
 from .lookup_table import LookupTableWriter, stale_tables
 from .offers import ListenerFanout, OfferCatalog
-from .protocol import ErrorReply, Reply
+from .protocol import MAX_FRAME_BYTES, ErrorReply, Reply
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ DEFAULT_CAPACITY_BLOCKS = 262_144
 LEASE_SWEEP_S = 0.1
 PID_CHECK_S = 0.5
 RECV_BYTES = 256 << 10
-MAX_BACKLOG_BYTES = 64 << 20  # unread replies before we give up on a client
+MAX_BACKLOG_BYTES = 2 * MAX_FRAME_BYTES  # unread replies before we give up on a client
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -263,6 +267,10 @@ class RegistryServer:
             self._send(conn, reply)
             if conn.closing:
                 break
+            if len(conn.out) > MAX_BACKLOG_BYTES:
+                self._flush(conn)  # sends what the peer takes; drops it if still over
+                if self._conns.get(conn.sock.fileno()) is not conn:
+                    return  # closed: nothing of what follows may reach the registry
         self._flush(conn)
 
     def _fail(self, conn: _Connection, code: str, message: str) -> None:
@@ -293,7 +301,9 @@ class RegistryServer:
             self._close(conn)
             return
         if len(conn.out) > MAX_BACKLOG_BYTES:
-            log.warning("dropping client %r (pid %d): it does not read", conn.client, conn.pid)
+            log.warning("dropping client %r (pid %d): %d bytes of replies it does not read",
+                        conn.client, conn.pid, len(conn.out))
+            self.registry.counters.slow_clients_dropped += 1
             self._close(conn)
             return
         want_write = bool(conn.out)

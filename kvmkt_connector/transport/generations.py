@@ -16,7 +16,7 @@ Generations only grow, so a block that held the same key again later cannot pass
 old one.
 
 File layout (little-endian): 64-byte header (magic, version, num_blocks), then one u32 per
-block.
+block. Importers keep the tables they read in a ``MappedTables`` (scheduler and workers alike).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import contextlib
 import mmap
 import os
 import struct
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -125,3 +126,49 @@ class GenerationTable:
         if self.writable:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+class MappedTables:
+    """Neighbours' generation tables an importer reads, mapped once per path: at most
+    ``limit`` (the oldest mapped goes first), and those whose file is gone (its holder died
+    and the registry removed it, or it exited) are dropped by ``sweep``, which the owner
+    calls often (every step) and which looks at most once per ``interval_s``. A dropped
+    table is not closed, as a copy in flight may still check it: it is unmapped once
+    unreferenced."""
+
+    def __init__(self, limit: int = 16, interval_s: float = 1.0) -> None:
+        self._limit, self._interval_s = limit, interval_s
+        self._tables: dict[str, GenerationTable] = {}
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._tables
+
+    def get(self, path: str, num_blocks: int) -> GenerationTable:
+        """The table at ``path``, mapped now if needed; raises TransferError."""
+        table = self._tables.get(path)
+        if table is None:
+            table = GenerationTable.open(path, num_blocks)
+            while len(self._tables) >= self._limit:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[path] = table
+        return table
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Drop tables whose file is gone (checked at most once per interval); their paths."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_sweep or not self._tables:
+            return []
+        self._next_sweep = now + self._interval_s
+        gone = [p for p in self._tables if not os.path.exists(p)]
+        for path in gone:
+            del self._tables[path]
+        return gone
+
+    def close(self) -> None:
+        for table in self._tables.values():
+            table.close()
+        self._tables.clear()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import urllib.request
 
 import msgspec
 import pytest
-from registry_helpers import chain, namespace
+from registry_helpers import chain, namespace, wait_until
 
 from kvmkt_connector.registry.client import RegistryError
 from kvmkt_connector.registry.framing import decode_reply, encode_frame, frame_length
@@ -16,9 +17,11 @@ from kvmkt_connector.registry.paths import holder_file, holder_file_dirs
 from kvmkt_connector.registry.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
+    BlockTokens,
     ErrorReply,
     Hello,
     HelloReply,
+    Offers,
     Publish,
     RegistryStatus,
     Status,
@@ -217,3 +220,63 @@ def test_many_requests_in_one_write_are_answered_in_order(served) -> None:
     assert isinstance(conn.reply(), HelloReply)
     assert all(isinstance(conn.reply(), RegistryStatus) for _ in range(50))
     still_served()
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_client_that_pipelines_without_reading_is_dropped(start_registry) -> None:
+    """Each Offers request (~40 bytes) asks for a ~1.3 MB reply: 128 of them in one write
+    would make an unbounded registry buffer ~170 MB; it stops at its 16 MiB backlog."""
+    port = _free_port()
+    registry = start_registry("--metrics-port", str(port))
+    keys = [i.to_bytes(16, "little") for i in range(4096)]
+    owner = registry.connect("owner")
+    owner.register_holder(NS, "owner", b"", b"")
+    owner.publish(keys, list(range(len(keys))),
+                  [BlockTokens(k, b"", bytes(256)) for k in keys])  # fmt: skip
+    good = registry.connect("good")
+    assert len(good.offers(NS).changes) == len(keys)
+    before = _peak_rss_bytes(registry.proc.pid)
+
+    greedy = RawConnection(registry.socket_path)
+    greedy.hello()
+    greedy.send(b"".join(encode_frame(Offers(NS)) for _ in range(128)))  # never reads
+
+    wait_until(lambda: _scrape(port).get("kvmkt_registry_slow_clients_dropped_total") == 1, 10)
+    assert _drained_to_the_end(greedy.sock)
+    grown = _peak_rss_bytes(registry.proc.pid) - before
+    assert grown < 40 << 20, f"registry peak RSS grew by {grown >> 20} MiB"
+    assert registry.proc.poll() is None
+    assert good.lookup(NS, keys) == (owner.holder_id, len(keys))  # the others are served
+    assert len(good.offers(NS).changes) == len(keys)
+    greedy.close()
+
+
+def _drained_to_the_end(sock: socket.socket) -> bool:
+    """Whether the peer closed: what reached our buffer, then EOF (or a reset)."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(1 << 20):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return {line.split()[0]: float(line.split()[1])
+                for line in response.read().decode().splitlines()
+                if line.startswith("kvmkt_registry_")}  # fmt: skip

@@ -86,6 +86,43 @@ def test_from_real_vllm_configs(tmp_path):
     assert [d[0] for d in base.differences(dummy)] == ["weights"]
 
 
+_FP8_WEIGHTS = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+
+
+@pytest.mark.parametrize(("base", "other", "fields"), [
+    ({}, {"quantization": "fp8"}, ["quantization"]),  # weights quantized when loading
+    ({}, {"hf_overrides": {"quantization_config": _FP8_WEIGHTS}},  # a quantized checkpoint
+     ["hf_config", "quantization"]),
+    ({"hf_overrides": {"quantization_config": _FP8_WEIGHTS}},  # same method, other blocks
+     {"hf_overrides": {"quantization_config": {**_FP8_WEIGHTS, "weight_block_size": [64, 64]}}},
+     ["hf_config"]),
+    ({}, {"kv_cache_dtype": "fp8"}, ["kv_cache_dtype"]),
+    ({"kv_cache_dtype": "fp8_e4m3"}, {"kv_cache_dtype": "fp8_e5m2"}, ["kv_cache_dtype"]),
+    ({"kv_cache_dtype": "fp8"}, {"kv_cache_dtype": "fp8", "kv_cache_dtype_skip_layers": ["0"]},
+     ["kv_cache_dtype"]),
+    ({}, {"hf_overrides": {"rope_theta": 5000.0}}, ["hf_config"]),
+    ({}, {"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}},
+     ["hf_config"]),
+    ({"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}},
+     {"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}}, ["hf_config"]),
+    ({"hf_overrides": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}},
+     {"hf_overrides": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}}, ["hf_config"]),
+], ids=["quantization", "quantization_config", "quantization_config-params", "kv_cache_dtype",
+        "kv_cache_dtype-fp8-kinds", "kv_cache_dtype_skip_layers", "rope_theta", "rope_scaling",
+        "rope_scaling-factor", "rope_scaling-type"])  # fmt: skip
+def test_quantization_and_rope_settings_are_not_interchangeable(tmp_path, base, other, fields):
+    """Configs that differ only there give other KV bytes: other namespaces, and the log
+    names what differs. (bfloat16: vLLM refuses fp8 quantization of float32 models.)"""
+    from kvmkt_connector.demo.tiny_model import write_tiny_llama
+
+    m1 = write_tiny_llama(str(tmp_path / "m1"), seed=1)
+    a = _engine_fp(m1, dtype="bfloat16", **base)
+    b = _engine_fp(m1, dtype="bfloat16", **other)
+    assert a.digest() != b.digest()
+    assert [d[0] for d in a.differences(b)] == fields
+    assert _engine_fp(m1, dtype="bfloat16", **other).digest() == b.digest()  # deterministic
+
+
 def test_the_same_model_by_another_path_shares(tmp_path):
     """A trailing slash, a symlink or a relative path name the same model: one namespace."""
     from kvmkt_connector.demo.tiny_model import write_tiny_llama
