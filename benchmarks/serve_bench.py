@@ -348,6 +348,8 @@ def client_worker() -> int:
         try:
             if req["op"] == "check":
                 reply.update(check_tokenizer(**req["kwargs"]))
+            elif req["op"] == "probe":
+                reply.update(probe_cell(**req["kwargs"]))
             elif req["op"] == "bench":
                 parser = FlexibleArgumentParser(prog="vllm bench serve")
                 add_cli_args(parser)
@@ -385,6 +387,30 @@ def check_tokenizer(model: str, cells: list[dict], suffix: int) -> dict:
                                      f"{cell['prefix'] + suffix}")
             checked += 1
     return {"checked": checked, "vocab": tok.vocab_size}
+
+
+def probe_cell(base: str, model: str, cell: dict, suffix: int, output_len: int) -> dict:
+    """The cell's first prompt, sent as ``vllm bench serve``'s openai backend sends it
+    (streamed, ignore_eos): the server's whole answer when it refuses it (the benchmark
+    keeps only the HTTP reason)."""
+    from vllm.benchmarks.datasets import PrefixRepetitionRandomDataset
+    from vllm.tokenizers import get_tokenizer
+
+    (req,) = PrefixRepetitionRandomDataset(random_seed=cell["seed"]).sample(
+        tokenizer=get_tokenizer(model), num_requests=1, prefix_len=cell["prefix"],
+        suffix_len=suffix, num_prefixes=1, output_len=output_len)
+    body = {"model": model, "prompt": req.prompt, "repetition_penalty": 1.0,
+            "max_tokens": output_len, "logprobs": None, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0.0}
+    http = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(http, timeout=120) as r:
+            r.read()
+        return {"refused": None, "prompt_chars": len(req.prompt)}
+    except urllib.error.HTTPError as e:
+        return {"refused": f"HTTP {e.code}: {e.read().decode(errors='replace')[:400]}",
+                "prompt_chars": len(req.prompt)}
 
 
 # ----------------------------------------------------------------------------- benchmark
@@ -525,6 +551,16 @@ class Bench:
                 if err:
                     self.notes.append(f"a {length + a.suffix_len}-word prompt is refused: {err}")
                     print(f"[{_ts()}] probe {length}: {err}", flush=True)
+                cell = next(c for c in cells if c["prefix"] == length)
+                got = self.client.call({"op": "probe", "kwargs": dict(
+                    base=servers["R" if "R" in servers else "A"].base, model=model,
+                    cell=dict(cell, seed=cell["seed"] + 7919), suffix=a.suffix_len,
+                    output_len=a.output_len)}, 300)
+                if not got.get("ok") or got.get("refused"):
+                    why = got.get("refused") or got.get("error")
+                    self.notes.append(f"a benchmark-made {length}-token prompt "
+                                      f"({got.get('prompt_chars')} chars) is refused: {why}")
+                    print(f"[{_ts()}] bench-style probe {length}: {why}", flush=True)
             b = servers["B"]
             before = b.metric(IMPORT_METRIC)
             for cell in cells:
