@@ -68,6 +68,7 @@ class HolderChannel:
         self._cfg = cfg
         self._chunk_bytes = chunk_bytes
         self._failures = 0  # registrations in a row that failed once connected
+        self._warned_unreachable = False
         self._client_name = client_name
         self._reg = reg
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
@@ -138,6 +139,8 @@ class HolderChannel:
             client = self._connected()
             if client is None:
                 self._not_done(op)
+                if not self._park_queued():
+                    break
                 continue
             if op is not None:
                 try:
@@ -198,6 +201,24 @@ class HolderChannel:
                 self._emit("published", msg.locations)
             self._emit("released", released)
 
+    def _park_queued(self) -> bool:
+        """No registry: every queued op is remembered for the next registration now (one
+        per retry pause would let the queue grow without bound). False: asked to stop."""
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                return True
+            if op[0] == "stop":
+                return False
+            self._not_done(op)
+
+    @property
+    def registry_pid(self) -> int | None:
+        """The registry process our registration (holder id and bit) belongs to."""
+        client = self._client
+        return client.server_pid if client is not None and self.connected else None
+
     def _not_done(self, op: tuple | None, unknown: bool = False) -> None:
         """``op`` did not (certainly) happen: remember what it meant to offer, so the next
         registration publishes it. Nothing else to undo: pages are checked by their tag.
@@ -240,9 +261,10 @@ class HolderChannel:
             )
         except Exception as e:  # none listens (retried soon: a new one is used at once)
             delay = self._cfg.retry_delay(time.monotonic() - t0)
-            if self.connected or self.generation == 0:
+            if self.connected or not self._warned_unreachable:  # once per outage
                 logger.warning("kvmkt: cannot register as holder (%s); retrying in %.1f s",
                                e, delay)
+                self._warned_unreachable = True
             self.connected = False
             self._stop.wait(delay)
             return None
@@ -274,6 +296,7 @@ class HolderChannel:
         self._failures = 0
         self._client = client
         self.connected = True
+        self._warned_unreachable = False
         logger.info("kvmkt: registered with the registry as holder %d (%s)", accepted.holder_id, r.name)
         return client
 

@@ -41,11 +41,19 @@ class RegistryLink:
 
     @property
     def own_holder_id(self) -> int | None:
-        return self.holder.holder_id if self.holder is not None else None
+        return self.holder.holder_id if self._same_registry() else None
 
     @property
     def own_holder_bit(self) -> int | None:
-        return self.holder.holder_bit if self.holder is not None else None
+        return self.holder.holder_bit if self._same_registry() else None
+
+    def _same_registry(self) -> bool:
+        """Our exporter is registered with the registry we look up in: its id and bit mean
+        us there (a restarted registry hands them out anew; until our exporter registers
+        again, none of its pages are listed there to skip)."""
+        client = self._client
+        return (self.holder is not None and client is not None
+                and self.holder.registry_pid == client.server_pid)
 
     def _connected(self) -> RegistryClient | None:
         if self._client is not None:
@@ -113,6 +121,10 @@ class RegistryLink:
         """Shared-memory bound on the longest run (no round trip; >= the exact run, which
         the lease then returns); 0 when unknown; None (counted) when no registry is reachable."""
         client = self._connected()
+        if client is not None and client.peer_closed():  # restarted: its table is stale
+            self._down("the registry closed our connection", 0.0)
+            self._retry_at = 0.0  # a new one may listen already
+            client = self._connected()
         if client is None:
             self._stats.count("fallback_registry_unavailable")
             return None

@@ -210,6 +210,19 @@ class RegistryClient:
     def broken(self) -> bool:
         return self._sock is None
 
+    def peer_closed(self) -> bool:
+        """Whether the registry closed this connection (it died or restarted), without
+        blocking: its lookup table is then stale, and our holder bit may be someone else's."""
+        sock = self._sock
+        if sock is None:
+            return True
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False  # open, nothing to read (replies are only ever read under _call)
+        except OSError:
+            return True
+
     def close(self) -> None:
         with self._lock:
             self._close_socket()

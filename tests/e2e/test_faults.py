@@ -53,6 +53,8 @@ DURING_B, AFTER_B = [prompts(2) for _ in range(3)], prompts(4)
 KILL_SET = prompts(8)  # X1's exports; B imports them while X1 dies
 LATE = prompts(1)  # exported by A; B imports it after X1's death
 CHURN = {name: prompts(4) for name in ("X2", "X3")}
+RESTART_OLD = prompts(2)  # exported by A before a registry restart with no outage
+RESTART_NEW = {"A": prompts(2), "B": prompts(2)}  # exported after it (by A for B, B for A)
 
 
 def exported_blocks(prompt: list[int]) -> int:
@@ -82,7 +84,7 @@ def engines(cluster, tiny_model_dir):
                   kv_cache_memory_bytes=SMALL_KV)
     cluster.wait_all()
     a, b = cluster.engines["A"], cluster.engines["B"]
-    for_b = [p for ps in DURING_A for p in ps] + AFTER_A + LATE
+    for_b = [p for ps in DURING_A for p in ps] + AFTER_A + LATE + RESTART_OLD
     for_a = [p for ps in DURING_B for p in ps] + AFTER_B
     a.generate(for_b, max_tokens=OUT)
     b.generate(for_a, max_tokens=OUT)
@@ -230,6 +232,32 @@ def test_registry_gone_for_30s_then_back(engines, cluster, tiny_model_dir):
     check(b, [p + fresh(20) for p in AFTER_A], expected=[importable(p) for p in AFTER_A])
     check(a, [p + fresh(20) for p in AFTER_B], expected=[importable(p) for p in AFTER_B])
     assert back < 3.0
+
+
+def test_registry_restarted_at_once_new_exports_are_found(engines, cluster):
+    """The registry is SIGKILLed and a new one listens at once. B makes no lookup in
+    between, so only B's own check can tell that its connection, and the lookup table it
+    maps, belong to a dead registry. B's first batch after the restart imports what A
+    exported after it (absent from the stale table) and before it; then the other way
+    round (holder ids and bits are handed out anew: a stale own bit would hide a
+    neighbour's pages)."""
+    a, b = engines["A"], engines["B"]
+    settle(cluster)
+    with cluster.client() as reg:
+        listed = reg.status().published_blocks
+    cluster.registry.kill()
+    cluster.registry.wait(10)
+    cluster.start_registry()
+    with cluster.client() as reg:
+        wait_for("exports not republished", lambda: reg.status().published_blocks >= listed, 10)
+    a.generate(RESTART_NEW["A"], max_tokens=OUT)
+    listed = cluster.wait_published(listed + sum(exported_blocks(p) for p in RESTART_NEW["A"]))
+    batch = RESTART_NEW["A"] + RESTART_OLD
+    check(b, [p + fresh(20) for p in batch], expected=[importable(p) for p in batch])
+    b.generate(RESTART_NEW["B"], max_tokens=OUT)
+    cluster.wait_published(listed + sum(exported_blocks(p) for p in RESTART_NEW["B"]))
+    check(a, [p + fresh(20) for p in RESTART_NEW["B"]],
+          expected=[importable(p) for p in RESTART_NEW["B"]])
 
 
 def test_exporter_sigkilled_mid_batch(engines, cluster, kills, tiny_model_dir):
