@@ -23,9 +23,9 @@ this instance's GPU events. Routers key blocks by ``token_ids`` chained through
 Bounds: the view knows at most ``kv_events_max_blocks`` blocks (more are not announced);
 the registry is asked at most once per ``kv_events_interval_ms`` (at most 4096 changes per
 answer); a new poll waits until the last one's events were taken, so what waits is at most
-one poll's worth. An idle engine does not step, so nothing would take them: when this
-connector is the scheduler's only one, the feed thread then publishes them itself through
-the scheduler's publisher (one lock orders both paths).
+one poll's worth. An idle engine does not step, so nothing would take them: the feed
+thread then publishes them itself through the scheduler's publisher, alone or under
+MultiConnector (one lock hands each event to exactly one of the two paths).
 """
 
 from __future__ import annotations
