@@ -47,8 +47,8 @@ def _undo_deferred_block_free(scheduler: Any, connector: MarketplaceConnector) -
     requests' blocks are not back yet). We do not need the deferral: our copies run on a
     stream that first waits for everything the compute stream has queued (loads.py). So when
     we are the scheduler's only connector (called from its __init__), vLLM behaves as it
-    does without a connector. Under MultiConnector the caller is not the scheduler and the
-    deferral stays, since a sibling may need it."""
+    does without a connector. Under MultiConnector the scheduler's connector is not us and
+    the deferral stays, since a sibling may need it."""
     if getattr(scheduler, "connector", None) is connector and getattr(
         scheduler, "defer_block_free", False
     ):
@@ -110,7 +110,8 @@ class MarketplaceConnector(KVConnectorBase_V1):
         # startup (an idle engine registers its exports before any request). Under
         # MultiConnector that channel carries one child's data to every child, so layouts
         # then travel in the worker metadata of the first step instead.
-        self._alone = _multi_connector_parent() is None
+        self._parent = _multi_connector_parent()
+        self._alone = self._parent is None
         if role == KVConnectorRole.SCHEDULER:
             from kvmkt_connector.connector.scheduler import MarketplaceScheduler
 
@@ -181,11 +182,19 @@ class MarketplaceConnector(KVConnectorBase_V1):
             self._scheduler.on_startup_handshakes(handshakes)
 
     def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
-        caller = sys._getframe(1).f_locals.get("self")
-        only = getattr(caller, "connector", None) is self  # vLLM's Scheduler, no MultiConnector
-        publisher = getattr(caller, "kv_event_publisher", None) if only else None
-        self._scheduler.bind_gpu_block_pool(gpu_block_pool, publisher)
-        _undo_deferred_block_free(caller, self)
+        # vLLM's Scheduler calls this from its __init__, or under MultiConnector calls our
+        # parent's, which calls ours. Its KV event publisher lets kv_events.py publish
+        # while the engine is idle (it does not step then, so nothing takes our events).
+        frame = sys._getframe(1)
+        top = self if self._alone else self._parent
+        if not self._alone and frame.f_locals.get("self") is top and frame.f_back is not None:
+            frame = frame.f_back
+        caller = frame.f_locals.get("self")
+        sched = caller if getattr(caller, "connector", None) is top else None
+        self._scheduler.bind_gpu_block_pool(
+            gpu_block_pool, getattr(sched, "kv_event_publisher", None)
+        )
+        _undo_deferred_block_free(sched, self)
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int

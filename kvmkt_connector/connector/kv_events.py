@@ -9,11 +9,11 @@ import: ``BlockStored`` when one becomes importable, ``BlockRemoved`` when it st
 
 What counts as importable mirrors a lease: a run of blocks from block 0, at least
 ``min_import_tokens`` long, that one holder other than us lists entirely, in our namespace
-(interchangeable KV), from a holder whose pages our workers can read, described with its
-token ids (no cache salt, no LoRA). Nothing is announced while our own exporter is not
-registered (its exports could not be told apart from a neighbour's). The
-registry's offer feed (``Offers``) gives the listing changes; ``OfferView`` keeps, per
-block, the holders that list it and all its ancestors.
+(interchangeable KV), from a holder whose pages our workers can read (our transport, its
+generation table openable), described with its token ids (no cache salt, no LoRA). Nothing
+is announced while our own exporter is not registered (its exports could not be told apart
+from a neighbour's). The registry's offer feed (``Offers``) gives the listing changes;
+``OfferView`` keeps, per block, the holders that list it and all its ancestors.
 
 Hashes: a block's ``block_hash`` is its kvmkt key (16 bytes) as vLLM formats its own (the
 low 64 bits as an int by default): not vLLM's seed-dependent hash, so not comparable to
@@ -23,9 +23,9 @@ this instance's GPU events. Routers key blocks by ``token_ids`` chained through
 Bounds: the view knows at most ``kv_events_max_blocks`` blocks (more are not announced);
 the registry is asked at most once per ``kv_events_interval_ms`` (at most 4096 changes per
 answer); a new poll waits until the last one's events were taken, so what waits is at most
-one poll's worth. An idle engine does not step, so nothing would take them: when this
-connector is the scheduler's only one, the feed thread then publishes them itself through
-the scheduler's publisher (one lock orders both paths).
+one poll's worth. An idle engine does not step, so nothing would take them: the feed
+thread then publishes them itself through the scheduler's publisher, alone or under
+MultiConnector (one lock hands each event to exactly one of the two paths).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ from kvmkt_connector.transport.descriptors import (
     CudaIpcDescriptor,
     HolderDescriptor,
     HostShmDescriptor,
+    TransferError,
 )
+from kvmkt_connector.transport.generations import GenerationTable
 
 if TYPE_CHECKING:
     from vllm.distributed.kv_events import KVCacheEvent
@@ -57,13 +59,24 @@ _POLLS_PER_ROUND = 8  # "more" answers fetched back to back, then wait for the i
 
 
 def holder_readable(descriptor: bytes, transport: str, world: int) -> bool:
-    """Whether our workers could import from a holder with that descriptor."""
+    """Whether our workers could import from a holder with that descriptor, as a lease
+    would find it (the scheduler's ``_usable``): its ranks in our transport and, for pages
+    read in place, its generation table openable (not another user's, not gone). Opens a
+    file: ``KvEventFeed`` caches the answer per descriptor."""
     try:
         holder = HolderDescriptor.decode(descriptor)
     except msgspec.DecodeError:
         return False
     want = _TRANSPORT_OF.get(transport)
-    return len(holder.ranks) == world and all(type(d) is want for d in holder.ranks)
+    if len(holder.ranks) != world or any(type(d) is not want for d in holder.ranks):
+        return False
+    if holder.generations is None:
+        return True
+    try:
+        GenerationTable.open(holder.generations.path, holder.generations.num_blocks).close()
+    except (TransferError, OSError, ValueError):  # not a table we can map
+        return False
+    return True
 
 
 class OfferView:

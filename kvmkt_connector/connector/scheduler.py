@@ -138,8 +138,8 @@ class MarketplaceScheduler:
     # ------------------------------------------------------------ startup
 
     def bind_gpu_block_pool(self, pool: BlockPool, event_publisher: Any = None) -> None:
-        """``event_publisher``: the scheduler's KV event publisher when we are its only
-        connector (kv_events.py publishes through it while the engine is idle)."""
+        """``event_publisher``: vLLM's scheduler's KV event publisher (kv_events.py
+        publishes through it while the engine is idle); None if it was not found."""
         self._pool = pool
         self._event_publisher = event_publisher
 

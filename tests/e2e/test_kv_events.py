@@ -1,10 +1,14 @@
 """KV events for cluster routers, on real vLLM 0.26 CPU engines.
 
-Engines A (exporter) and B (importer), both with vLLM's ``kv_events_config`` on, publish
-over ZMQ to one subscriber here (their PUB sockets connect to it, as they would to llm-d's),
-which decodes vLLM's ``KVEventBatch`` as vLLM encodes it. B must announce A's prefix under
-medium KVMKT with its exact token ids while idle, serve what it announced, and retract it
-after A is SIGKILLed; A never announces its own exports.
+Engines A (exporter), B (importer) and C (the marketplace next to ExampleConnector under
+MultiConnector, configs/multi-example.json), all with vLLM's ``kv_events_config`` on,
+publish over ZMQ to one subscriber here (their PUB sockets connect to it, as they would to
+llm-d's), which decodes vLLM's ``KVEventBatch`` as vLLM encodes it. B and C must announce
+A's prefix under medium KVMKT with its exact token ids while idle; B must serve what it
+announced (and so export it too), and retract it while idle after A is SIGKILLed, while C
+keeps it (B lists it) until B is SIGKILLed too; A never announces its own exports. Idle
+engines do not step: what they announce, the feed thread publishes through vLLM's
+scheduler's publisher, which the connector finds alone and under MultiConnector.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvmkt_connector.hashing import BlockKeyer
-from tests.conftest import connector_config
+from tests.conftest import CONNECTOR, connector_config
+from tests.e2e.multi_helpers import SMALL, children, config, wait_all
 
 pytestmark = pytest.mark.engine
 
@@ -112,41 +117,65 @@ def sub():
     s.close()
 
 
+def multi_config(storage: str) -> dict:
+    """configs/multi-example.json: [Marketplace, ExampleConnector]."""
+    cfg = config("multi-example.json")
+    for child in children(cfg):
+        extra = child["kv_connector_extra_config"]
+        if child["kv_connector"] == CONNECTOR:
+            extra["kv_events_interval_ms"] = 250
+        else:
+            extra["shared_storage_path"] = storage
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def engines(cluster, tiny_model_dir, sub):
     for name in ("A", "B"):
         cluster.start(name, tiny_model_dir, connector=connector_config(kv_events_interval_ms=250),
                       kv_events_config=events_config(sub.port, f"kv@{name}"))
-    cluster.wait_all()
+    cluster.start("C", tiny_model_dir, connector=multi_config(f"{cluster.workdir}/example-C"),
+                  kv_events_config=events_config(sub.port, "kv@C"), **SMALL)
+    wait_all(cluster)
     return cluster.engines
 
 
 def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, cluster, sub):
-    a, b = engines["A"], engines["B"]
+    a, b, c = engines["A"], engines["B"], engines["C"]
+    # Under MultiConnector our half learns its workers' layout (its namespace) in its first
+    # step: one request that exports nothing (less than a block), then C stays idle.
+    c.generate([PROMPT[:8]], max_tokens=1)
     a.generate([PROMPT], max_tokens=A_OUT)
     cluster.wait_published(EXPORTED)
     published = time.monotonic()
 
-    # B announces A's prefix while idle (no request runs on B), with the exact tokens.
-    def b_announces() -> bool:
-        return len(chain_tokens(announced(sub.events("kv@B", "KVMKT")))) >= EXPORTED * BS
+    # B and C announce A's prefix while idle (no request runs on them), with the exact tokens.
+    def announce(topic: str) -> bool:
+        return len(chain_tokens(announced(sub.events(topic, "KVMKT")))) >= EXPORTED * BS
 
-    took = wait_for(b_announces, 15, "B's KVMKT announcement")
+    took = wait_for(lambda: announce("kv@B"), 15, "B's KVMKT announcement")
+    took_c = wait_for(lambda: announce("kv@C"), 15, "C's KVMKT announcement (MultiConnector)")
     live = announced(sub.events("kv@B", "KVMKT"))
     assert chain_tokens(live) == PROMPT[: EXPORTED * BS]
+    assert announced(sub.events("kv@C", "KVMKT")) == live
     # Block hashes are our keys (not vLLM's seed-dependent hashes), as vLLM formats its own.
     keyer = BlockKeyer(_namespace(cluster), BS)
     assert set(live) == {maybe_convert_block_hash(k) for k in keyer.keys(PROMPT)[:EXPORTED]}
     # A's own events: vLLM's GPU ones for its prefix; nothing as KVMKT (it cannot import
     # its own exports and B offers nothing yet).
     assert sub.events("kv@A", "GPU") and not sub.events("kv@A", "KVMKT")
-    print(f"announced {time.monotonic() - published:.2f} s after publishing ({took:.2f} s wait)")
+    print(f"announced {time.monotonic() - published:.2f} s after publishing ({took:.2f} s "
+          f"wait for B, then {took_c:.2f} s for C)")
 
     # What B announced, B serves: a request for the prompt imports every announced block.
     (got,) = b.generate([PROMPT], max_tokens=A_OUT)
     assert got.imported_tokens == EXPORTED * BS
 
-    # A dies: B retracts every block it announced (B's own exports never count for B).
+    # B exports the prompt too (its request ended): C can now import it from A or from B.
+    cluster.wait_published(2 * EXPORTED)
+
+    # A dies: B, idle, retracts every block it announced (its own exports never count for
+    # B). C still announces them all: B lists them.
     n_before = len(sub.events("kv@B", "KVMKT"))
     a.kill()
     killed = time.monotonic()
@@ -154,6 +183,17 @@ def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, clu
     removed = [e for e in sub.events("kv@B", "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
     assert {h for e in removed for h in e.block_hashes} == set(live)
     print(f"retracted {time.monotonic() - killed:.2f} s after SIGKILL of A")
+    time.sleep(1.0)  # four feed intervals of C
+    assert announced(sub.events("kv@C", "KVMKT")) == live
+
+    # B dies too: C, idle under MultiConnector, retracts every block it announced.
+    n_before = len(sub.events("kv@C", "KVMKT"))
+    b.kill()
+    killed = time.monotonic()
+    wait_for(lambda: not announced(sub.events("kv@C", "KVMKT")), 15, "C's retraction")
+    removed = [e for e in sub.events("kv@C", "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
+    assert {h for e in removed for h in e.block_hashes} == set(live)
+    print(f"C (MultiConnector) retracted {time.monotonic() - killed:.2f} s after SIGKILL of B")
 
 
 def _namespace(cluster) -> bytes:

@@ -70,8 +70,11 @@ def test_nixl_prefill_decode_with_marketplace_members(engines, cluster):
                             options=[{"kv_transfer_params": copy.deepcopy(params)}])
         (ref,) = r.generate([prompt], max_tokens=MAX_TOKENS)
         assert dec.token_ids == ref.token_ids
-        # D never saw the prompt: what it did not compute, NIXL brought from P.
+        # D never saw the prompt: what it did not compute, NIXL brought from P. Not the
+        # marketplace (where P exports the same prompt): NIXL is D's first child, so it
+        # takes the request, and our half imports nothing (0, not -1: it did see it).
         assert dec.cached_tokens >= len(prompt) - BS, dec.cached_tokens
+        assert dec.imported_tokens == 0, dec.kv_transfer_params
         decoded.append(prompt + dec.token_ids)
     for name in "PD":  # our half got its workers' layouts: no shared handshake needed
         log = cluster.log(name)  # (logged when the first request's step brought them)

@@ -1,6 +1,7 @@
 """``KvEventFeed`` against a real registry and a real exporter channel: announce, retract
 everything when the registry goes, announce again after the exporter publishes again to a
-new registry (its token ids included), and never count our own exports."""
+new registry (its token ids included), never count our own exports, and judge each holder's
+descriptor once, not per poll."""
 
 from __future__ import annotations
 
@@ -56,8 +57,14 @@ def test_feed_follows_the_registry(start_registry) -> None:
     keys = chain(NS, TOKENS)
     exporter = HolderChannel(cfg, "a", HolderRegistration(NS, "a", b"fp", b"desc-a"))
     ours = HolderChannel(cfg, "b", HolderRegistration(NS, "b", b"fp", b"desc-b"))
+    asked: dict[bytes, int] = {}
+
+    def readable(d: bytes) -> bool:  # opens a holder's files in the connector: asked once
+        asked[d] = asked.get(d, 0) + 1
+        return d == b"desc-a"
+
     feed = KvEventFeed(
-        cfg, "b", NS, BLOCK_SIZE, readable=lambda d: d == b"desc-a",
+        cfg, "b", NS, BLOCK_SIZE, readable=readable,
         own_bit=lambda: ours.holder_bit if ours.connected else None,
     )  # fmt: skip
     seen = Announced(feed)
@@ -83,6 +90,8 @@ def test_feed_follows_the_registry(start_registry) -> None:
         exporter.publish(keys[4:], [4, 5], 0, tokens_of(keys)[4:])
         time.sleep(0.5)  # ten feed intervals
         assert not seen()
+        # Dozens of polls, two registries: each holder's descriptor was judged once.
+        assert asked.get(b"desc-a") == 1 and max(asked.values()) == 1
     finally:
         feed.shutdown()
         exporter.close()

@@ -6,53 +6,15 @@ vLLM's factory, as Scheduler.__init__ builds it (no engine is started).
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 
-from tests.conftest import CONNECTOR
-
-
-def ours(tmp_path, **kw) -> dict:
-    extra = {"registry_socket": os.path.join(tmp_path, "none.sock"), "registry_autostart": False}
-    return {"kv_connector": CONNECTOR, "kv_role": "kv_both", "kv_connector_extra_config": extra,
-            **kw}
-
-
-def multi(children: list[dict], policy: str | None) -> dict:
-    cfg = {"kv_connector": "MultiConnector", "kv_role": "kv_both",
-           "kv_connector_extra_config": {"connectors": children}}
-    if policy is not None:
-        cfg["kv_load_failure_policy"] = policy
-    return cfg
-
-
-def example(tmp_path) -> dict:
-    return {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
-            "kv_connector_extra_config": {"shared_storage_path": os.path.join(tmp_path, "ex")}}
+from tests.unit.vllm_objects import build_connector, engine_config, example, multi, ours
 
 
 def build_scheduler_connector(model: str, kv_transfer_config: dict):
     """What Scheduler.__init__ does; returns (connector, the config vLLM reads)."""
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-
-    vllm_config = EngineArgs(
-        model=model, skip_tokenizer_init=True, dtype="float32", enforce_eager=True,
-        block_size=16, max_model_len=2048, kv_transfer_config=kv_transfer_config,
-    ).create_engine_config()
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=16, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(
-        num_blocks=64, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["model.layers.0.self_attn.attn"], spec)],
-    )
-    connector = KVConnectorFactory.create_connector(
-        config=vllm_config, role=KVConnectorRole.SCHEDULER, kv_cache_config=kv_cache_config
-    )
-    return connector, vllm_config.kv_transfer_config
+    vllm_config = engine_config(model, kv_transfer_config)
+    return build_connector(vllm_config, "SCHEDULER"), vllm_config.kv_transfer_config
 
 
 def test_alone_the_connector_switches_the_policy_to_recompute(tiny_model_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""``OfferView`` and ``build_events``: which blocks are announced, and as which vLLM events."""
+"""``OfferView`` and ``build_events``: which blocks are announced, and as which vLLM events;
+``holder_readable``: which holders count at all."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ from array import array
 from vllm.distributed.kv_events import BlockRemoved, BlockStored
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from kvmkt_connector.connector.kv_events import OfferView, build_events
+from kvmkt_connector.connector.kv_events import OfferView, build_events, holder_readable
 from kvmkt_connector.hashing import BlockKeyer
 from kvmkt_connector.registry.protocol import BlockTokens, OfferChange
+from kvmkt_connector.transport.descriptors import (
+    CudaIpcDescriptor,
+    GenerationsDescriptor,
+    HolderDescriptor,
+    HostShmDescriptor,
+)
+from kvmkt_connector.transport.generations import GenerationTable
 
 BS = 4
 NS = b"n" * 16
@@ -124,3 +132,28 @@ def test_a_child_listed_as_its_unannounced_parent_goes_is_not_announced() -> Non
     # The parent comes back: the run of 2 is announced, parent first.
     assert view.apply(listed(PREFIX[:1], A), frozenset({A})) == [(True, PREFIX[0].key),
                                                                  (True, PREFIX[1].key)]
+
+
+def test_readable_holders_are_those_a_lease_could_use(tmp_path) -> None:
+    staged = HolderDescriptor([HostShmDescriptor("/dev/shm/x", 4, [64])] * 2).encode()
+    assert holder_readable(staged, "host_shm", 2)
+    assert not holder_readable(staged, "cuda_ipc", 2)  # another transport
+    assert not holder_readable(staged, "host_shm", 1)  # another TP size
+    assert not holder_readable(b"\x01junk", "host_shm", 2)
+    # In place: the importer checks the holder's generation table after every copy, so a
+    # holder whose table it cannot open (gone, another user's, not a table) is no source.
+    table = GenerationTable.create(str(tmp_path / "gen"), 8)
+    ipc = [CudaIpcDescriptor("GPU-0", 1, [b"h"], [], 8)]
+
+    def in_place(path: str, num_blocks: int = 8) -> bytes:
+        return HolderDescriptor(ipc, GenerationsDescriptor(path, num_blocks)).encode()
+
+    try:
+        assert holder_readable(in_place(table.path), "cuda_ipc", 1)
+        assert not holder_readable(in_place(table.path, 9), "cuda_ipc", 1)  # not its table
+        assert not holder_readable(in_place(str(tmp_path / "gone")), "cuda_ipc", 1)
+        (tmp_path / "empty").write_bytes(b"")
+        assert not holder_readable(in_place(str(tmp_path / "empty")), "cuda_ipc", 1)
+    finally:
+        table.close()
+    assert not holder_readable(in_place(table.path), "cuda_ipc", 1)  # the holder went
