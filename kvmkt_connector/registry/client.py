@@ -10,6 +10,7 @@ the connection with it (bad_frame, bad_version).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -212,15 +213,16 @@ class RegistryClient:
 
     def peer_closed(self) -> bool:
         """Whether the registry closed this connection (it died or restarted), without
-        blocking: its lookup table is then stale, and our holder bit may be someone else's."""
+        blocking: its lookup table is then stale, and our holder bit may be someone else's.
+        (Replies are only read inside ``_call``, so a readable socket here means EOF or junk;
+        ``select`` first: a recv on a socket with a timeout would wait that long.)"""
         sock = self._sock
         if sock is None:
             return True
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False  # open, nothing to read (replies are only ever read under _call)
-        except OSError:
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # closed under us
             return True
 
     def close(self) -> None:

@@ -226,3 +226,18 @@ def test_kvmkt_registry_and_status(socket_dir, holders) -> None:
     missing = run_kvmkt("status", "--socket", path)
     assert missing.returncode == 1
     assert "no registry running" in missing.stderr
+
+
+def test_a_client_sees_at_once_that_its_registry_died(start_registry) -> None:
+    """``peer_closed`` is what importers ask before reading a registry's lookup table: it
+    must answer without waiting (the connection has a timeout: a blocking peek would wait
+    that long on every lookup) and say so once the registry is gone."""
+    reg = start_registry()
+    client = reg.connect(timeout_s=2.0)
+    t0 = time.perf_counter()
+    assert not any(client.peer_closed() for _ in range(100))
+    assert time.perf_counter() - t0 < 0.5
+    reg.proc.kill()
+    reg.proc.wait(10)
+    wait_until(client.peer_closed, 5)
+    client.close()
