@@ -96,9 +96,9 @@ class ImportPlanner:
             if state.failed or state.job_id is not None:
                 return 0
             if state.lease is not None:
-                if state.start_block == start and self._lease_fresh(state.lease):
+                if state.start_block == start and self._lease_fresh(state):
                     return state.usable * bs  # re-query of a request not admitted yet
-                self._release(state)  # stale: the frontier moved or the lease is ageing
+                self._release(state)  # stale: frontier moved, lease ageing or gone
         if limit - start < self._min_blocks:
             return 0
         trace(logger, request.request_id, "lookup")
@@ -134,10 +134,13 @@ class ImportPlanner:
         )
         return n * bs
 
-    def _lease_fresh(self, lease: LeaseGranted) -> bool:
-        """Leases only steer (pages are checked after the copy); re-lease an ageing one so
-        the holder's registry entries are not released under a request about to load."""
-        return lease.expires_at_ns - time.monotonic_ns() > 0.5 * self._cfg.lease_ttl_s * 1e9
+    def _lease_fresh(self, state: _RequestImport) -> bool:
+        """Leases only steer (pages are checked after the copy); re-lease an ageing one, or
+        one of a closed registry connection (its leases ended with it), so the holder's
+        entries are not released under a request about to load."""
+        lease = state.lease
+        return (lease is not None and state.epoch == self._link.epoch
+                and lease.expires_at_ns - time.monotonic_ns() > 0.5 * self._cfg.lease_ttl_s * 1e9)
 
     def _release(self, state: _RequestImport) -> None:
         if state.lease is not None:

@@ -7,6 +7,11 @@ used within a fraction of a second); only a registry that answers slowly (a time
 away for ``registry_retry_s``, so a hung registry costs one timeout per period, not one per
 request. Exporting goes through ``HolderChannel`` (its own connection,
 on a background thread); lookups here skip that holder, i.e. this instance itself.
+
+A registry that works but lends no more leases now (``lease_limit``: this connection or all
+hold too many) is no outage: the call returns None, which the importer counts as a miss
+(``fallback_miss``), and the connection stays. The leases of a connection end when it
+closes, so a reconnect gives them up (they only steered: pages are checked after a copy).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from kvmkt_connector.connector.holder_channel import HolderChannel
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.client import RegistryClient, RegistryError, RegistryUnavailable
+from kvmkt_connector.registry.protocol import LEASE_LIMIT
 
 logger = get_logger(__name__)
 T = TypeVar("T")
@@ -34,6 +40,7 @@ class RegistryLink:
         self._client: RegistryClient | None = None
         self._retry_at = 0.0
         self._down_since: float | None = None
+        self._refused_logged_at = -float("inf")  # lease_limit refusals: log once a minute
         # Bumped per connection: lease ids mean something only to the registry that
         # granted them (a restarted one numbers leases anew).
         self.epoch = 0
@@ -112,10 +119,20 @@ class RegistryLink:
                     self._retry_at = 0.0  # a slow one must not cost two timeouts per request
                     continue
             except RegistryError as e:
+                if e.code == LEASE_LIMIT:  # the registry works; it lends no more for now
+                    self._note_refusal(e)
+                    return None
                 logger.warning("kvmkt: registry refused a request: %s", e)
             break
         self._stats.count("fallback_registry_unavailable")
         return None
+
+    def _note_refusal(self, e: RegistryError) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 60.0:
+            self._refused_logged_at = now
+            logger.warning("kvmkt: the registry lends no more leases now (%s); such requests "
+                           "prefill normally", e.message)
 
     def hint(self, keys: list[bytes]) -> int | None:
         """Shared-memory bound on the longest run (no round trip; >= the exact run, which

@@ -1,7 +1,8 @@
 """Node-local prefix registry: which vLLM instance on this node holds which KV blocks.
 
 - ``protocol``: the wire messages (the contract); ``framing``: how they travel.
-- ``index.PrefixRegistry``: the authoritative state machine (no I/O).
+- ``index.PrefixRegistry``: the authoritative state machine (no I/O); ``leases`` keeps its
+  leases within bounds, ``records`` its entries.
 - ``service.RegistryServer``: the Unix-socket service around it.
 - ``lookup_table``: the shared-memory table clients read for lookup hints without an RPC.
 - ``client.RegistryClient`` and ``autostart.ensure_registry``: what instances use.

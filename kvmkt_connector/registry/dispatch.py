@@ -48,11 +48,13 @@ from .records import RequestRejected
 
 
 class Session:
-    """Protocol state of one connection."""
+    """Protocol state of one connection; ``owner`` names it to the lease books (unique for
+    the registry's lifetime: the leases it takes end when it closes)."""
 
-    __slots__ = ("greeted", "client", "pid", "holder_id", "closing")
+    __slots__ = ("owner", "greeted", "client", "pid", "holder_id", "closing")
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int = 0) -> None:
+        self.owner = owner
         self.greeted = False
         self.client = ""
         self.pid = 0
@@ -133,8 +135,9 @@ class RequestDispatcher:
 
     def _on_lease(self, session: Session, req: Lease) -> Reply:
         granted = self.registry.lease(
-            req.namespace, req.keys, req.ttl_ms, req.min_blocks, _exclude(session, req)
-        )
+            req.namespace, req.keys, req.ttl_ms, req.min_blocks, _exclude(session, req),
+            owner=session.owner,
+        )  # fmt: skip
         return NoMatch() if granted is None else granted
 
     def _on_release(self, session: Session, req: ReleaseLeases) -> Reply:

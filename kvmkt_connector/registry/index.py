@@ -11,8 +11,9 @@ Structures:
 - ``_lru`` (global) and ``holder.lru``: listed entries, least recently published or leased
   first. Capacity eviction and ``reclaim`` take unleased entries from the front; a leased
   one found there is moved to the back instead (it is in use), so each is skipped once.
-- ``_leases`` + ``_expiry_heap``: lease id -> entries and deadline (``clock()`` ns); expired
-  leases are ended lazily at the start of every operation and by the service's sweep.
+- ``_book`` (``leases.LeaseBook``): lease id -> entries, deadline (``clock()`` ns) and
+  owner (a connection), within ``LeaseLimits``; expired leases are ended lazily at the start
+  of every operation and by the service's sweep, an owner's when its connection closes.
 - ``holder.released``: locations the registry let go of (capacity eviction, ended leases of
   retiring entries, replacements), handed to the holder in its next reply that carries
   ``released``. An ordered dict, so a location re-published before delivery is withdrawn.
@@ -20,29 +21,14 @@ Structures:
 
 from __future__ import annotations
 
-import heapq
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-from .protocol import KEY_BYTES, MAX_HOLDERS, NAMESPACE_BYTES, HolderInfo, LeaseGranted
+from . import records
+from .leases import LeaseBook, LeaseLimits, check_lease_terms
+from .protocol import MAX_HOLDERS, HolderInfo, LeaseGranted
 from .records import Entry, Holder, KeyListener, Lease, RegistryCounters, RequestRejected
-
-MAX_LEASE_TTL_MS = 10 * 60 * 1000  # a lease pins another instance's pages: keep it bounded
-
-
-def _check_keys(keys: Sequence[bytes]) -> None:
-    for key in keys:
-        if len(key) != KEY_BYTES:
-            raise RequestRejected("bad_request", f"keys must be {KEY_BYTES} bytes, got {len(key)}")
-
-
-def _check_namespace(namespace: bytes) -> None:
-    if len(namespace) != NAMESPACE_BYTES:
-        raise RequestRejected(
-            "bad_request", f"namespace must be {NAMESPACE_BYTES} bytes, got {len(namespace)}"
-        )
 
 
 class PrefixRegistry:
@@ -54,6 +40,7 @@ class PrefixRegistry:
         *,
         clock: Callable[[], int] = time.monotonic_ns,
         listener: KeyListener | None = None,
+        lease_limits: LeaseLimits | None = None,
     ) -> None:
         if capacity_blocks <= 0:
             raise ValueError(f"capacity_blocks must be positive, got {capacity_blocks}")
@@ -67,11 +54,7 @@ class PrefixRegistry:
         self._listing: dict[bytes, dict[bytes, dict[int, Entry]]] = {}
         self._listed_total = 0
         self._lru: OrderedDict[Entry, None] = OrderedDict()
-        self._leases: dict[int, Lease] = {}
-        self._expiry_heap: list[tuple[int, int]] = []
-        # Lease ids start at a random 62-bit value: an importer that kept an id across a
-        # registry restart must not release somebody else's lease with it.
-        self._next_lease_id = secrets.randbits(62)
+        self._book = LeaseBook(lease_limits or LeaseLimits())
 
     # ------------------------------------------------------------ views
 
@@ -81,7 +64,11 @@ class PrefixRegistry:
 
     @property
     def active_leases(self) -> int:
-        return len(self._leases)
+        return len(self._book)
+
+    @property
+    def leases(self) -> LeaseBook:
+        return self._book
 
     @property
     def holder_count(self) -> int:
@@ -113,7 +100,7 @@ class PrefixRegistry:
         self, *, namespace: bytes, name: str, pid: int, fingerprint: bytes = b"",
         descriptor: bytes = b"", cleanup_paths: Sequence[str] = (),
     ) -> Holder:  # fmt: skip
-        _check_namespace(namespace)
+        records.check_namespace(namespace)
         if not self._free_bits:
             raise RequestRejected("full", f"the registry already has {MAX_HOLDERS} holders")
         holder = Holder(
@@ -140,7 +127,7 @@ class PrefixRegistry:
         holder.by_location.clear()
         holder.released.clear()
         for lease_id in holder.lease_ids:
-            del self._leases[lease_id]  # its heap item is skipped when it surfaces
+            self._book.pop(lease_id)  # nothing to end: its entries went with the holder
         holder.lease_ids.clear()
         self._free_bits.append(holder.bit)
         self._free_bits.sort(reverse=True)
@@ -156,7 +143,7 @@ class PrefixRegistry:
         holder = self.holder(holder_id)
         if len(keys) != len(locations):
             raise RequestRejected("bad_request", f"{len(keys)} keys but {len(locations)} locations")
-        _check_keys(keys)
+        records.check_keys(keys)
         self._expire()
         hid = holder.holder_id
         batch: list[Entry] = []
@@ -234,18 +221,21 @@ class PrefixRegistry:
 
     def lease(
         self, namespace: bytes, keys: Sequence[bytes], ttl_ms: int, min_blocks: int = 1,
-        exclude_holder: int | None = None,
+        exclude_holder: int | None = None, owner: int = 0,
     ) -> LeaseGranted | None:  # fmt: skip
-        """Lease the longest run if it has at least ``min_blocks`` entries, else None."""
-        if not 0 < ttl_ms <= MAX_LEASE_TTL_MS:
-            raise RequestRejected("bad_request", f"ttl_ms must be in 1..{MAX_LEASE_TTL_MS}")
-        if min_blocks < 1:
-            raise RequestRejected("bad_request", f"min_blocks must be >= 1, got {min_blocks}")
+        """Lease the longest run if it has at least ``min_blocks`` entries, else None.
+        ``owner``: who takes it (a connection); over its ``LeaseLimits``: ``lease_limit``."""
+        check_lease_terms(ttl_ms, min_blocks)
         self.counters.lease_requests += 1
         now = self._expire()
         holder, run = self._best_run(namespace, keys, exclude_holder)
         if holder is None or run < min_blocks:
             return None
+        try:
+            self._book.check(owner, run)
+        except RequestRejected:
+            self.counters.leases_refused += 1
+            raise
         ns_listing = self._listing[namespace]
         hid = holder.holder_id
         entries = [ns_listing[key][hid] for key in keys[:run]]
@@ -256,11 +246,8 @@ class PrefixRegistry:
             entry.lease_count += 1
             lru.move_to_end(entry)  # leasing is a use
             holder_lru.move_to_end(entry)
-        lease = Lease(self._next_lease_id, holder, entries, now + ttl_ms * 1_000_000)
-        self._next_lease_id += 1
-        self._leases[lease.lease_id] = lease
+        lease = self._book.add(holder, entries, now + ttl_ms * 1_000_000, owner)
         holder.lease_ids.add(lease.lease_id)
-        heapq.heappush(self._expiry_heap, (lease.expires_at_ns, lease.lease_id))
         self.counters.leases_granted += 1
         self.counters.blocks_leased += run
         return LeaseGranted(
@@ -276,9 +263,17 @@ class PrefixRegistry:
         """End leases; unknown or already ended ids are ignored (idempotent)."""
         self._expire()
         for lease_id in lease_ids:
-            lease = self._leases.pop(lease_id, None)
+            lease = self._book.pop(lease_id)
             if lease is not None:
                 self._end_lease(lease)
+
+    def end_leases_of(self, owner: int) -> int:
+        """End every lease ``owner`` took (its connection closed: nobody can release them
+        any more); their entries' locations go back to the holders. Returns how many."""
+        leases = self._book.pop_owner(owner)
+        for lease in leases:
+            self._end_lease(lease)
+        return len(leases)
 
     def expire_leases(self) -> None:
         self._expire()
@@ -400,10 +395,6 @@ class PrefixRegistry:
 
     def _expire(self) -> int:
         now = self._clock()
-        heap = self._expiry_heap
-        while heap and heap[0][0] <= now:
-            _, lease_id = heapq.heappop(heap)
-            lease = self._leases.pop(lease_id, None)
-            if lease is not None:
-                self._end_lease(lease)
+        for lease in self._book.pop_expired(now):
+            self._end_lease(lease)
         return now

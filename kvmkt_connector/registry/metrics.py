@@ -34,6 +34,8 @@ class RegistryCollector:
              registry.capacity_blocks),
             ("kvmkt_registry_active_leases", "Leases granted and not yet released or expired.",
              registry.active_leases),
+            ("kvmkt_registry_leased_blocks", "Blocks the active leases cover (with repeats).",
+             registry.leases.leased_blocks),
         ]  # fmt: skip
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -44,6 +46,9 @@ class RegistryCollector:
              counters.leases_granted),
             ("kvmkt_registry_blocks_leased", "Blocks covered by granted leases.",
              counters.blocks_leased),
+            ("kvmkt_registry_leases_refused",
+             "Lease RPCs refused: the caller or everyone held too many leases.",
+             counters.leases_refused),
             ("kvmkt_registry_blocks_released_lru", "Blocks released to make room (capacity).",
              counters.blocks_released_lru),
             ("kvmkt_registry_holders_lost", "Holders dropped (connection closed or pid gone).",

@@ -22,7 +22,10 @@ Concepts:
 - descriptor: opaque bytes from the holder's transport telling importers how to reach its
   pages (shm path, CUDA IPC handles ...). The registry stores and returns it untouched.
 - lease: a promise that the leased entries' locations are not released (so not reused by
-  their holder) before ``expires_at_ns`` (CLOCK_MONOTONIC) or an explicit release.
+  their holder) before ``expires_at_ns`` (CLOCK_MONOTONIC), an explicit release, or the
+  close of the connection that took it. A connection, and all together, hold a bounded
+  number (``registry/leases.py``); past that a ``Lease`` gets ``ErrorReply(code=
+  "lease_limit")`` and the connection stays open.
 """
 
 from __future__ import annotations
@@ -265,8 +268,14 @@ class RegistryStatus(_Msg, tag="registry_status"):
     holders_lost: int
 
 
+# ErrorReply.code of a lease refused because the caller (or everyone) holds too many
+# leases (registry/leases.py): the registry works, it only lends no more for now.
+LEASE_LIMIT = "lease_limit"
+
+
 class ErrorReply(_Msg, tag="error"):
-    code: str  # bad_frame | bad_version | no_hello | not_holder | bad_request | full
+    # bad_frame | bad_version | no_hello | not_holder | bad_request | full | lease_limit
+    code: str
     message: str
 
 

@@ -1,10 +1,14 @@
-"""Records of ``PrefixRegistry``'s state: holders, entries, leases, counters."""
+"""Records of ``PrefixRegistry``'s state (holders, entries, leases, counters) and the checks
+of request fields they are made from."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from .protocol import KEY_BYTES, NAMESPACE_BYTES
 
 
 class RequestRejected(Exception):
@@ -14,6 +18,19 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def check_keys(keys: Sequence[bytes]) -> None:
+    for key in keys:
+        if len(key) != KEY_BYTES:
+            raise RequestRejected("bad_request", f"keys must be {KEY_BYTES} bytes, got {len(key)}")
+
+
+def check_namespace(namespace: bytes) -> None:
+    if len(namespace) != NAMESPACE_BYTES:
+        raise RequestRejected(
+            "bad_request", f"namespace must be {NAMESPACE_BYTES} bytes, got {len(namespace)}"
+        )
 
 
 class KeyListener(Protocol):
@@ -57,13 +74,16 @@ class Holder:
 
 
 class Lease:
-    __slots__ = ("lease_id", "holder", "entries", "expires_at_ns")
+    __slots__ = ("lease_id", "holder", "entries", "expires_at_ns", "owner")
 
-    def __init__(self, lease_id: int, holder: Holder, entries: list[Entry], expires: int):
+    def __init__(
+        self, lease_id: int, holder: Holder, entries: list[Entry], expires: int, owner: int = 0
+    ) -> None:
         self.lease_id = lease_id
         self.holder = holder
         self.entries = entries
         self.expires_at_ns = expires
+        self.owner = owner  # the connection that took it (its leases end when it closes)
 
 
 @dataclass(slots=True)
@@ -73,6 +93,7 @@ class RegistryCounters:
     lookups: int = 0
     lease_requests: int = 0
     leases_granted: int = 0
+    leases_refused: int = 0  # over a LeaseLimits bound (leases.py)
     blocks_leased: int = 0
     blocks_released_lru: int = 0
     holders_lost: int = 0

@@ -50,8 +50,8 @@ _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 class _Connection(Session):
     __slots__ = ("sock", "peer_pid", "decoder", "out", "writing")
 
-    def __init__(self, sock: socket.socket, peer_pid: int) -> None:
-        super().__init__()
+    def __init__(self, sock: socket.socket, peer_pid: int, owner: int) -> None:
+        super().__init__(owner)
         self.sock = sock
         # The kernel's word on who connected, in our pid namespace (0 if not visible from
         # it); unlike Hello/RegisterHolder's pid it cannot be wrong or in another namespace.
@@ -84,6 +84,7 @@ class RegistryServer:
         self._dispatcher: RequestDispatcher | None = None
         self._orphaned_files: list[tuple[int, list[str]]] = []  # (pid, files) to unlink
         self._conns: dict[int, _Connection] = {}
+        self._accepted = 0  # connections so far: each one's lease owner id
         self._stop = False
         self._idle_since = time.monotonic()
 
@@ -230,7 +231,8 @@ class RegistryServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Connection(sock, peer_pid)
+            self._accepted += 1
+            conn = _Connection(sock, peer_pid, self._accepted)
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
@@ -318,6 +320,9 @@ class RegistryServer:
             return
         if conn.holder_id is not None:
             self._drop_holder(conn)
+        # Nobody can release this connection's leases any more; ending them is safe since
+        # leases only steer: importers check every page's tag after their copy.
+        self.registry.end_leases_of(conn.owner)
         del self._conns[fd]
         self._selector.unregister(conn.sock)
         conn.sock.close()

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from kvmkt_connector.registry.index import MAX_LEASE_TTL_MS, PrefixRegistry
+from kvmkt_connector.registry.index import PrefixRegistry
+from kvmkt_connector.registry.leases import MAX_LEASE_TTL_MS
 from kvmkt_connector.registry.protocol import MAX_HOLDERS
 from kvmkt_connector.registry.records import RequestRejected
 
