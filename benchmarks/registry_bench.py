@@ -52,10 +52,10 @@ from kvmkt_connector.registry.autostart import registry_listening  # noqa: E402
 from kvmkt_connector.registry.client import RegistryClient  # noqa: E402
 from kvmkt_connector.registry.lookup_table import (  # noqa: E402
     LookupTable,
-    LookupTableWriter,
     _run_numpy,
     _run_scalar,
 )
+from kvmkt_connector.registry.lookup_writer import LookupTableWriter  # noqa: E402
 
 NAMESPACE = b"bench-namespace!"
 BLOCK_SIZE = 16

@@ -4,6 +4,7 @@
 - ``index.PrefixRegistry``: the authoritative state machine (no I/O); ``leases`` keeps its
   leases within bounds, ``records`` its entries.
 - ``service.RegistryServer``: the Unix-socket service around it.
-- ``lookup_table``: the shared-memory table clients read for lookup hints without an RPC.
+- ``lookup_table``: the shared-memory table clients read for lookup hints without an RPC;
+  ``lookup_writer``: the registry's side of it.
 - ``client.RegistryClient`` and ``autostart.ensure_registry``: what instances use.
 """

@@ -177,7 +177,10 @@ class RegistryClient:
     def run_bound_hint(self, keys: Sequence[bytes], exclude_bit: int | None = None) -> int:
         """Upper bound of ``longest_run_hint`` in O(log n) probes (the connector's fast path:
         it asks ``lease`` for ``keys[:bound]``, which answers the exact run). Skips our own
-        holder bit, or ``exclude_bit`` when this connection is not the holder."""
+        holder bit, or ``exclude_bit`` when this connection is not the holder. A registry
+        without a lookup table (no space for one) gets ``len(keys)``: the lease decides."""
+        if not self.lookup_table_path:
+            return len(keys)
         table = self._table
         if table is None:
             table = self._open_table()

@@ -33,7 +33,7 @@ from . import paths
 from .dispatch import RequestDispatcher, Session
 from .framing import FrameDecoder, FrameError, decode_request, encode_frame
 from .index import PrefixRegistry
-from .lookup_table import LookupTableWriter, stale_tables
+from .lookup_writer import LookupTableWriter, create_table, stale_tables
 from .offers import ListenerFanout, OfferCatalog
 from .protocol import MAX_FRAME_BYTES, ErrorReply, Reply
 
@@ -99,15 +99,26 @@ class RegistryServer:
         except BaseException:
             self.close()
             raise
-        log.info("registry serving on %s (table %s)", self.socket_path, self._table.path)
+        table = self._table.path if self._table else "none"
+        log.info("registry serving on %s (table %s)", self.socket_path, table)
 
     def _bind(self) -> None:
-        self._table = self._create_table()
+        # Files of holders that died while no registry (or a crashed one) watched them.
+        # Tables of registries that died (SIGKILL) at any socket path: 8 MB each otherwise.
+        # First: they may be what fills /dev/shm.
+        stale = paths.stale_holder_files(pid_alive) + stale_tables(
+            os.path.dirname(paths.lookup_table_path(self.socket_path)), pid_alive)
+        removed = [p for p in stale if paths.unlink_owned_file(p)]
+        if removed:
+            log.info("removed %d files of dead holders and registries: %s", len(removed),
+                     ", ".join(removed))
+        self._table = create_table(self.socket_path, self._capacity_blocks)
         offers = OfferCatalog()
         self.registry = PrefixRegistry(
             self._capacity_blocks, listener=ListenerFanout(self._table, offers)
         )
-        self._dispatcher = RequestDispatcher(self.registry, self._table.path, offers)
+        table_path = self._table.path if self._table else ""  # none: clients ask by RPC
+        self._dispatcher = RequestDispatcher(self.registry, table_path, offers)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(self.socket_path)
         os.chmod(self.socket_path, 0o600)
@@ -116,14 +127,6 @@ class RegistryServer:
         listener.setblocking(False)
         self._listener = listener
         self._selector.register(listener, selectors.EVENT_READ, None)
-        # Files of holders that died while no registry (or a crashed one) watched them.
-        # Tables of registries that died (SIGKILL) at any socket path: 8 MB each otherwise.
-        stale = paths.stale_holder_files(pid_alive) + stale_tables(
-            os.path.dirname(self._table.path), pid_alive)
-        removed = [p for p in stale if paths.unlink_owned_file(p)]
-        if removed:
-            log.info("removed %d files of dead holders and registries: %s", len(removed),
-                     ", ".join(removed))
         if self.metrics_port is not None:
             from .metrics import start_metrics_server
 
@@ -201,17 +204,6 @@ class RegistryServer:
             raise RuntimeError(f"a registry already serves {self.socket_path}")
         finally:
             probe.close()
-
-    def _create_table(self) -> LookupTableWriter:
-        try:
-            return LookupTableWriter(
-                paths.lookup_table_path(self.socket_path), self._capacity_blocks
-            )
-        except OSError as exc:
-            log.warning("lookup table in /dev/shm failed (%s); using the socket dir", exc)
-            return LookupTableWriter(
-                paths.fallback_lookup_table_path(self.socket_path), self._capacity_blocks
-            )
 
     # ------------------------------------------------------------ connections
 

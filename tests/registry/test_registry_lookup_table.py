@@ -6,11 +6,8 @@ import os
 import random
 import stat
 
-from kvmkt_connector.registry.lookup_table import (
-    NUMPY_MIN_KEYS,
-    LookupTable,
-    LookupTableWriter,
-)
+from kvmkt_connector.registry.lookup_table import NUMPY_MIN_KEYS, LookupTable
+from kvmkt_connector.registry.lookup_writer import LookupTableWriter
 
 
 def random_keys(rng: random.Random, n: int) -> list[bytes]:
@@ -132,8 +129,6 @@ def test_keys_far_down_a_probe_chain_are_found(socket_dir: str) -> None:
 def test_run_upper_bound_never_falls_short_of_the_run(tmp_path) -> None:
     """The connector's O(log n) hint is >= the exact run (and equal for prefix chains)."""
     import random
-
-    from kvmkt_connector.registry.lookup_table import LookupTable, LookupTableWriter
 
     rng = random.Random(5)
     writer = LookupTableWriter(str(tmp_path / "t.table"), capacity_blocks=4096)
