@@ -33,8 +33,9 @@ from . import paths
 from .dispatch import RequestDispatcher, Session
 from .framing import FrameDecoder, FrameError, decode_request, encode_frame
 from .index import PrefixRegistry
-from .lookup_writer import LookupTableWriter, create_table, stale_tables
+from .lookup_writer import LookupTableWriter, create_table
 from .offers import ListenerFanout, OfferCatalog
+from .orphans import OrphanedFiles, pid_alive, remove_stale_files
 from .protocol import MAX_FRAME_BYTES, ErrorReply, Reply
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class RegistryServer:
         self._table: LookupTableWriter | None = None
         self.registry: PrefixRegistry | None = None
         self._dispatcher: RequestDispatcher | None = None
-        self._orphaned_files: list[tuple[int, list[str]]] = []  # (pid, files) to unlink
+        self._orphaned_files = OrphanedFiles()
         self._conns: dict[int, _Connection] = {}
         self._accepted = 0  # connections so far: each one's lease owner id
         self._stop = False
@@ -103,15 +104,7 @@ class RegistryServer:
         log.info("registry serving on %s (table %s)", self.socket_path, table)
 
     def _bind(self) -> None:
-        # Files of holders that died while no registry (or a crashed one) watched them.
-        # Tables of registries that died (SIGKILL) at any socket path: 8 MB each otherwise.
-        # First: they may be what fills /dev/shm.
-        stale = paths.stale_holder_files(pid_alive) + stale_tables(
-            os.path.dirname(paths.lookup_table_path(self.socket_path)), pid_alive)
-        removed = [p for p in stale if paths.unlink_owned_file(p)]
-        if removed:
-            log.info("removed %d files of dead holders and registries: %s", len(removed),
-                     ", ".join(removed))
+        remove_stale_files(self.socket_path)  # first: they may be what fills /dev/shm
         self._table = create_table(self.socket_path, self._capacity_blocks)
         offers = OfferCatalog()
         self.registry = PrefixRegistry(
@@ -326,9 +319,7 @@ class RegistryServer:
         conn.holder_id = None
         if holder is None:
             return
-        # Only a dead holder's files: one that merely lost its connection still serves them.
-        # A killed process can look alive for a moment while it exits: check again later.
-        self._orphaned_files.append((holder.pid, list(holder.cleanup_paths)))
+        self._orphaned_files.add(holder.pid, holder.cleanup_paths)
         self._unlink_orphaned_files()
         log.info("holder %d (%s, pid %d) dropped", holder.holder_id, holder.name, holder.pid)
 
@@ -340,20 +331,7 @@ class RegistryServer:
         self._unlink_orphaned_files()
 
     def _unlink_orphaned_files(self) -> None:
-        """Remove dropped holders' files once their process is gone; forget the files of a
-        process that registered again (it still uses them)."""
-        live_paths = {p for h in self.registry.holders() for p in h.cleanup_paths}
-        still = []
-        for pid, files in self._orphaned_files:
-            files = [f for f in files if f not in live_paths]
-            if not files:
-                continue
-            if pid_alive(pid):
-                still.append((pid, files))
-            else:
-                for path in files:
-                    paths.unlink_owned_file(path)
-        self._orphaned_files = still
+        self._orphaned_files.sweep({p for h in self.registry.holders() for p in h.cleanup_paths})
 
     def _idle_expired(self, now: float) -> bool:
         return (
@@ -383,20 +361,3 @@ class RegistryServer:
         finally:
             os.close(lock_fd)
 
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie (dead, not yet reaped by its parent) counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            state = stat_file.read().rpartition(b")")[2].split()[0]
-        return state not in (b"Z", b"X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no procfs: fall back to a signal-0 probe
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True

@@ -1,15 +1,19 @@
 """A registry that starts removes the shared-memory files of holders that died while no
-registry watched them (the previous one was SIGKILLed), and leaves live holders' files."""
+registry watched them (the previous one was SIGKILLed), and leaves live holders' files;
+a dropped holder's files go only once the processes named in them are gone."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 
-from registry_helpers import RegistryProcess
+from registry_helpers import RegistryProcess, wait_until
 
+from kvmkt_connector.registry.client import RegistryClient
 from kvmkt_connector.registry.paths import holder_file, holder_file_dirs
+from kvmkt_connector.registry.protocol import HolderAccepted, RegisterHolder
 
 
 def test_starting_registry_removes_dead_holders_files(start_registry):
@@ -63,3 +67,28 @@ def test_starting_registry_removes_a_sigkilled_registrys_lookup_table(socket_dir
     finally:
         first.stop()
         live.stop()
+
+
+def test_a_registration_cannot_get_a_live_process_files_removed(registry):
+    """The pid in RegisterHolder is the client's word: a holder that says it is a dead
+    process and names a live process's file must not get that file removed when it goes;
+    the file of a process that died is removed."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    directory = holder_file_dirs()[0]
+    live, gone = holder_file(directory, os.getpid(), "liar-r0"), holder_file(directory, dead.pid, "g")
+    for path in (live, gone):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    try:
+        with RegistryClient.connect(registry.socket_path, client_name="liar", autostart=False) as c:
+            c._call(RegisterHolder(namespace=b"n" * 16, name="liar", pid=dead.pid,
+                                   fingerprint=b"", descriptor=b"", cleanup_paths=[live, gone]),
+                    HolderAccepted)  # fmt: skip
+        wait_until(lambda: not os.path.exists(gone), 2.0)
+        time.sleep(0.6)  # another of the registry's sweeps (every 0.5 s)
+        assert os.path.exists(live), "a live process's file was removed"
+    finally:
+        for path in (live, gone):
+            if os.path.exists(path):
+                os.unlink(path)
