@@ -16,6 +16,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from vllm.v1.request import RequestStatus
 
 from kvmkt_connector.compat import (
     CompatFingerprint,
@@ -118,10 +119,14 @@ class MarketplaceScheduler:
         self._step_runs = True  # the last scheduled step computes tokens
         # Offline LLM records a step's stats only if the step has request outputs (vLLM 0.26
         # llm_engine.py), so stats wait for such a step: per scheduled step, in order
-        # (async scheduling schedules step N+1 before step N's output is processed), whether
-        # it will output; and per request, the token count at which it samples.
-        self._output_steps: deque[bool] = deque(maxlen=64)
+        # (async scheduling schedules step N+1 before step N's output is processed), the
+        # requests that sample in it; per request, the token count at which it samples; and
+        # for requests that ended, at which processed output (a request that stopped in
+        # step N outputs nothing in step N+1, scheduled before N was processed).
+        self._output_steps: deque[tuple[str, ...]] = deque(maxlen=64)
         self._sample_at: dict[str, int] = {}
+        self._updates = 0  # step outputs processed so far
+        self._ended_at: dict[str, tuple[int, bool]] = {}  # request -> (update, aborted)
         ev = vllm_config.kv_events_config
         self._kv_events_on = bool(ev and ev.enable_kv_cache_events and cfg.kv_events_medium)
         self._events: KvEventFeed | None = None
@@ -298,8 +303,9 @@ class MarketplaceScheduler:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
-        outputs = self._step_runs and _has_outputs(scheduler_output, self._sample_at)
-        self._output_steps.append(outputs)
+        samplers = _samplers(scheduler_output, self._sample_at) if self._step_runs else ()
+        self._output_steps.append(samplers)
+        outputs = bool(samplers)
         step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
         loads = self._planner.take_jobs()
         if self._trace:  # not a loop over every step's requests unless asked for
@@ -381,7 +387,9 @@ class MarketplaceScheduler:
             self._not_run.discard(request.request_id)
             unsure = True
         imported = self._planner.on_request_finished(request.request_id)
-        self._sample_at.pop(request.request_id, None)
+        if self._sample_at.pop(request.request_id, None) is not None:
+            aborted = request.status == RequestStatus.FINISHED_ABORTED  # no output for it
+            self._ended_at[request.request_id] = (self._updates, aborted)
         keys = self._keys.pop(request.request_id, None)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
@@ -398,8 +406,14 @@ class MarketplaceScheduler:
 
     def take_stats(self) -> MarketplaceStats | None:
         """Called once per processed step output, oldest first: stats go out only with
-        a step that has request outputs (see ``_output_steps``), else they keep counting."""
-        outputs = self._output_steps.popleft() if self._output_steps else False
+        a step that has request outputs (see ``_output_steps``), else they keep counting.
+        A request that ended while this output was processed (it stopped) did output in it."""
+        samplers = self._output_steps.popleft() if self._output_steps else ()
+        now, ended = self._updates, self._ended_at
+        self._updates += 1
+        outputs = any(ended.get(r, (now, False)) == (now, False) for r in samplers)
+        if len(ended) > 256:  # no queued step names a request that ended long ago
+            self._ended_at = {r: e for r, e in ended.items() if e[0] >= now - 8}
         return self.stats.take() if outputs else None
 
     def has_pending_exports(self) -> bool:
@@ -432,14 +446,14 @@ class MarketplaceScheduler:
         self._link.close()
 
 
-def _has_outputs(out: SchedulerOutput, sample_at: dict[str, int]) -> bool:
-    """Whether a scheduled step will output for some request: one whose computed plus
-    scheduled tokens reach the count at which it samples (a chunk of a long prefill does
-    not). Requests never looked up count as not sampling: their stats wait a step more."""
-    sched = out.num_scheduled_tokens
-    if any(r.num_computed_tokens + sched.get(r.req_id, 0) >= sample_at.get(r.req_id, 1 << 62)
-           for r in out.scheduled_new_reqs):
-        return True
+def _samplers(out: SchedulerOutput, sample_at: dict[str, int]) -> tuple[str, ...]:
+    """The requests a scheduled step samples for: those whose computed plus scheduled
+    tokens reach the count at which they sample (a chunk of a long prefill does not).
+    Requests never looked up count as not sampling: their stats wait a step more."""
+    sched, never = out.num_scheduled_tokens, 1 << 62
+    got = [r.req_id for r in out.scheduled_new_reqs
+           if r.num_computed_tokens + sched.get(r.req_id, 0) >= sample_at.get(r.req_id, never)]
     cached = out.scheduled_cached_reqs
-    return any(done + sched.get(rid, 0) >= sample_at.get(rid, 1 << 62)
-               for rid, done in zip(cached.req_ids, cached.num_computed_tokens, strict=False))
+    got += [rid for rid, done in zip(cached.req_ids, cached.num_computed_tokens, strict=False)
+            if done + sched.get(rid, 0) >= sample_at.get(rid, never)]
+    return tuple(got)
