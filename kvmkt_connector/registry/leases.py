@@ -22,13 +22,14 @@ import msgspec
 from .protocol import LEASE_LIMIT
 from .records import Entry, Holder, Lease, RequestRejected
 
-# A scheduler holds one lease per request it is admitting or loading into (a few hundred at
-# most), each over at most its KV cache's blocks: the bounds leave room for that many times
-# over. Worst case about 16 bytes of registry memory per leased block, i.e. ~16 MiB per
-# connection and ~64 MiB in all (plus ~0.3 KiB per lease).
-MAX_LEASES_PER_CONNECTION = 4096
+# A scheduler holds one lease per request it is admitting or loading into. vLLM 0.26 admits
+# requests that load asynchronously outside max_num_seqs and the token budget, so a burst of
+# requests on one shared prefix can hold thousands at once (each over at most its KV cache's
+# blocks). Worst case about 16 bytes of registry memory per leased block, i.e. ~16 MiB per
+# connection and ~64 MiB in all, plus ~0.3 KiB per lease (~20 MiB at the total bound).
+MAX_LEASES_PER_CONNECTION = 16_384
 MAX_LEASED_BLOCKS_PER_CONNECTION = 1 << 20
-MAX_LEASES = 16_384
+MAX_LEASES = 65_536
 MAX_LEASED_BLOCKS = 1 << 22
 MAX_LEASE_TTL_MS = 10 * 60 * 1000  # a lease pins another instance's pages: keep it bounded
 
