@@ -41,6 +41,7 @@ def writer_on_a_small_tmpfs(directory: str, out: dict) -> None:
         writer.key_listed(key, 1)
     reader = LookupTable.open(writer.path)
     out["listed"] = sum(reader.holder_mask(k) == 2 for k in keys)
+    out["listed_kept"] = sum(reader.holder_mask(k) == 2 for k in keys[1::2])
     for key in keys[::2]:  # churn: tombstones, compacted in place (no room to grow)
         writer.key_unlisted(key, 1)
     out["after_unlist"] = sum(reader.holder_mask(k) == 2 for k in keys)

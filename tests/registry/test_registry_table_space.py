@@ -103,7 +103,9 @@ def test_on_real_full_tmpfs_file_systems(socket_dir) -> None:
     assert (out["n_slots"], out["rebuilds"]) == (2048, 1) and out["in_place"] >= 1
     assert out["dropped"] >= 3000 - int(2048 * MAX_FILL)
     assert out["dropped"] == 3000 - out["listed"]  # every key kept is found
-    assert out["wrong_after_unlist"] == 0 and out["after_unlist"] <= out["listed"] // 2 + 1
+    # the unlisted keys are gone, the others still found (which of the random keys the
+    # full table had room for is chance: no fixed share)
+    assert out["wrong_after_unlist"] == 0 and out["after_unlist"] == out["listed_kept"]
     assert out["table_path"] == "" and out["bound"] == 8 and out["leased"] == list(range(8))
     assert "no lookup table" in out["hint"]
     assert "serving without a lookup table" in proc.stderr and "/dev/shm" in proc.stderr
