@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import msgspec
 
+_VLLM_MEDIA = frozenset({"GPU", "CPU"})  # vLLM's own KV events' media (any case)
+
 
 class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # Registry: where instances meet. None -> $KVMKT_REGISTRY_SOCKET, $XDG_RUNTIME_DIR/kvmkt/
@@ -63,6 +65,13 @@ class MarketplaceConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True)
         bad = [name for name, ok in checks if not ok]
         if bad:
             raise ValueError(f"invalid kv_connector_extra_config value for {', '.join(bad)}")
+        if (self.kv_events_medium or "").upper() in _VLLM_MEDIA:
+            # A router keys entries by (pod, medium): our BlockRemoved would delete the
+            # instance's own cache entries there.
+            raise ValueError(
+                f"kv_events_medium {self.kv_events_medium!r} is one of vLLM's own media "
+                f"({', '.join(sorted(_VLLM_MEDIA))}, any case): pick another, e.g. \"KVMKT\""
+            )
 
     def retry_delay(self, failed_after_s: float) -> float:
         """Wait before the next registry attempt: a moment if the failed one took no time

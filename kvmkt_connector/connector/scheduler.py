@@ -24,15 +24,16 @@ from kvmkt_connector.compat import (
     sharing_blockers,
 )
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.exporter import ExportLedger
+from kvmkt_connector.connector.exporter import ExportLedger, ResetWatch
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ImportPlanner
-from kvmkt_connector.connector.kv_events import KvEventFeed, holder_readable
+from kvmkt_connector.connector.kv_events import KvEventFeed
 from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
 )
+from kvmkt_connector.connector.offer_view import holder_readable
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
@@ -232,9 +233,11 @@ class MarketplaceScheduler:
             lambda: channel.holder_bit if channel.connected else None
         )  # fmt: skip
         transport, world = self._transport, self._world
+        resets = ResetWatch(self._pool).check if self._pool is not None else None
         self._events = KvEventFeed(
             self._cfg, self._name, self._namespace, self._block_size,
             lambda d: holder_readable(d, transport, world), own_bit, self._event_publisher,
+            resets,
         )  # fmt: skip
         logger.info("kvmkt: KV events: announcing importable blocks as medium %r",
                     self._cfg.kv_events_medium)

@@ -203,9 +203,10 @@ class RegistryClient:
         return self._call(ListHolders(), HolderList).holders
 
     def offers(
-        self, namespace: bytes, feed_id: int = 0, cursor: int = 0, max_changes: int = 4096
-    ) -> OfferFeed:
-        return self._call(Offers(namespace, feed_id, cursor, max_changes), OfferFeed)
+        self, namespace: bytes, feed_id: int = 0, cursor: int = 0, max_changes: int = 4096,
+        after: int = 0,
+    ) -> OfferFeed:  # fmt: skip
+        return self._call(Offers(namespace, feed_id, cursor, max_changes, after), OfferFeed)
 
     def status(self) -> RegistryStatus:
         return self._call(Status(), RegistryStatus)

@@ -25,7 +25,6 @@ from .protocol import (
     Lookup,
     LookupResult,
     NoMatch,
-    OfferFeed,
     OfferHolder,
     Offers,
     Ok,
@@ -158,12 +157,10 @@ class RequestDispatcher:
         return HolderList(self.registry.holder_infos())
 
     def _on_offers(self, session: Session, req: Offers) -> Reply:
-        cursor, snapshot, more, changes = self.offers.read(
-            req.namespace, req.feed_id, req.cursor, req.max_changes
-        )
-        holders = [OfferHolder(h.bit, h.holder_id, h.descriptor)
-                   for h in self.registry.holders() if h.namespace == req.namespace]
-        return OfferFeed(self.offers.feed_id, cursor, snapshot, more, changes, holders)
+        feed = self.offers.read(req.namespace, req.feed_id, req.cursor, req.max_changes, req.after)
+        feed.holders = [OfferHolder(h.bit, h.holder_id, h.descriptor)
+                        for h in self.registry.holders() if h.namespace == req.namespace]
+        return feed
 
     def _on_status(self, session: Session, req: Status) -> Reply:
         reg, counters = self.registry, self.registry.counters

@@ -7,13 +7,22 @@ them while some holder lists the block.
 
 Bounds: at most ``max_described`` blocks have tokens (others are listed as usual but never
 announced); the feed keeps the last ``max_changes`` changes (a reader that fell further
-behind gets a snapshot); one reply carries at most ``MAX_OFFER_CHANGES`` changes and
-``MAX_OFFER_TOKEN_BYTES`` token bytes.
+behind gets a snapshot); one reply carries at most ``MAX_OFFER_CHANGES`` changes (a snapshot
+page: whole blocks, at least one) and ``MAX_OFFER_TOKEN_BYTES`` token bytes (plus one block's
+in a page of changes; tokens travel with every listing, so a block listed by n holders counts
+n times).
+
+Snapshots come in pages, each bounded like any reply: a snapshot is the listings at change
+``cursor`` (its first page says ``snapshot``); a reader passes ``cursor`` and the page's
+``after`` back until ``after`` is 0, then reads the changes since ``cursor`` as usual, which
+fix whatever changed while it paged. Pages go through described blocks in the order of their
+first listing (``_Described.since``), which a page resumes after by bisection.
 """
 
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +35,7 @@ from .protocol import (
     MAX_OFFER_TOKEN_BYTES,
     BlockTokens,
     OfferChange,
+    OfferFeed,
 )
 from .records import KeyListener, RequestRejected
 
@@ -34,6 +44,7 @@ from .records import KeyListener, RequestRejected
 class _Described:
     namespace: bytes
     block: BlockTokens
+    since: int  # seq of its first listing: its place in snapshots
     bits: set[int] = field(default_factory=set)  # holders listing it now
 
 
@@ -62,6 +73,8 @@ class OfferCatalog:
         self._described: dict[bytes, _Described] = {}
         self._changes: deque[tuple[int, bytes, bytes, int, bool]] = deque(maxlen=max_changes)
         self._seq = 0
+        self._order: list[int] = []  # ``since`` of described blocks, ascending; gone ones linger
+        self._by_since: dict[int, bytes] = {}  # since -> key, described blocks only
 
     @property
     def described_blocks(self) -> int:
@@ -93,7 +106,10 @@ class OfferCatalog:
             bits = holder_bits(block.key)
             if not bits:  # already evicted again: nothing to offer
                 continue
-            self._described[block.key] = _Described(namespace, block, set(bits))
+            since = self._seq + 1
+            self._described[block.key] = _Described(namespace, block, since, set(bits))
+            self._order.append(since)
+            self._by_since[since] = block.key
             for bit in bits:
                 self._record(namespace, block.key, bit, True)
 
@@ -111,6 +127,9 @@ class OfferCatalog:
         self._record(described.namespace, key, holder_bit, False)
         if not described.bits:
             del self._described[key]
+            del self._by_since[described.since]
+            if len(self._order) > 2 * len(self._by_since) + 1024:  # amortized O(1) per block
+                self._order = [s for s in self._order if s in self._by_since]
 
     def _record(self, namespace: bytes, key: bytes, bit: int, listed: bool) -> None:
         self._seq += 1
@@ -119,18 +138,23 @@ class OfferCatalog:
     # ------------------------------------------------------------ readers' side
 
     def read(
-        self, namespace: bytes, feed_id: int, cursor: int, max_changes: int
-    ) -> tuple[int, bool, bool, list[OfferChange]]:
-        """(cursor, snapshot, more, changes) for an ``Offers`` request."""
+        self, namespace: bytes, feed_id: int, cursor: int, max_changes: int, after: int = 0
+    ) -> OfferFeed:
+        """The answer to an ``Offers`` request (its ``holders`` left empty)."""
         limit = max(1, min(max_changes, MAX_OFFER_CHANGES))
         first = self._changes[0][0] if self._changes else self._seq + 1
-        if feed_id != self.feed_id or cursor > self._seq or cursor < first - 1:
-            return self._seq, True, False, self._snapshot(namespace, limit)
+        kept = feed_id == self.feed_id and first - 1 <= cursor <= self._seq
+        if not kept or not 0 <= after <= cursor:
+            # Unknown feed or too far behind; or a snapshot whose later changes are no longer
+            # all kept (the reader could not fix what changed while it paged): start over.
+            return self._snapshot(namespace, self._seq, 0, limit)
+        if after:
+            return self._snapshot(namespace, cursor, after, limit)
         out: list[OfferChange] = []
         budget = MAX_OFFER_TOKEN_BYTES
         for seq, ns, key, bit, listed in islice(self._changes, cursor - first + 1, None):
             if len(out) >= limit or budget <= 0:
-                return cursor, False, True, out
+                return OfferFeed(self.feed_id, cursor, False, True, out, [])
             cursor = seq
             if ns != namespace:
                 continue
@@ -142,19 +166,31 @@ class OfferCatalog:
                 block = described.block
                 budget -= len(block.tokens)
             out.append(OfferChange(key, bit, listed, block))
-        return self._seq, False, False, out
+        return OfferFeed(self.feed_id, self._seq, False, False, out, [])
 
-    def _snapshot(self, namespace: bytes, limit: int) -> list[OfferChange]:
-        """Up to ``limit`` listings, parents before children (described in publish order;
-        a block whose parent was cut is simply not servable to the reader)."""
+    def _snapshot(self, namespace: bytes, taken: int, after: int, limit: int) -> OfferFeed:
+        """The page of the snapshot at change ``taken`` that follows the block whose
+        ``since`` is ``after`` (0: the first page). Blocks described after ``taken`` are
+        left to the changes that follow it. Parents come before children (publish order; a
+        block whose parent was cut is simply not servable to the reader)."""
         out: list[OfferChange] = []
-        budget = MAX_OFFER_TOKEN_BYTES
-        for key, described in self._described.items():
+        budget = MAX_OFFER_TOKEN_BYTES  # whole blocks; one costs at most 64 x 16 KiB
+        start, order = after, self._order
+        for i in range(bisect_right(order, after), len(order)):  # (islice would skip one by one)
+            since = order[i]
+            if since > taken:
+                break
+            key = self._by_since.get(since)
+            if key is None:  # gone since
+                continue
+            described = self._described[key]
             if described.namespace != namespace:
                 continue
-            for bit in sorted(described.bits):
-                if len(out) >= limit or budget <= 0:
-                    return out
-                out.append(OfferChange(key, bit, True, described.block))
-            budget -= len(described.block.tokens)
-        return out
+            cost = len(described.block.tokens) * len(described.bits)
+            if out and (len(out) + len(described.bits) > limit or cost > budget):
+                return OfferFeed(self.feed_id, taken, start == 0, True, out, [], after)
+            out += [OfferChange(key, bit, True, described.block) for bit in sorted(described.bits)]
+            budget -= cost
+            after = since
+        # The last page: changes since ``taken`` follow right away, if any.
+        return OfferFeed(self.feed_id, taken, start == 0, taken < self._seq, out, [])

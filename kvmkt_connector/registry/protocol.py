@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Publish.tokens, Offers
+PROTOCOL_VERSION = 3  # 2: Publish.tokens, Offers; 3: paged Offers snapshots (after)
 MAX_FRAME_BYTES = 8 << 20
 FRAME_HEADER_BYTES = 4
 KEY_BYTES = 16
@@ -136,12 +136,14 @@ class ListHolders(_Msg, tag="list_holders"):
 class Offers(_Msg, tag="offers"):
     """What changed in ``namespace``'s listings of blocks with known tokens since ``cursor``
     of feed ``feed_id``. A feed id that is not the registry's (0 at first, or a restarted
-    registry) or a cursor older than the changes it keeps gets a snapshot instead."""
+    registry) or a cursor older than the changes it keeps gets a snapshot instead, in pages
+    (see ``OfferFeed``)."""
 
     namespace: bytes
     feed_id: int = 0
     cursor: int = 0
     max_changes: int = 4096  # capped at MAX_OFFER_CHANGES
+    after: int = 0  # the last page's ``after``: its snapshot's next page
 
 
 class Status(_Msg, tag="status"):
@@ -241,12 +243,19 @@ class OfferHolder(msgspec.Struct, array_like=True):
 
 
 class OfferFeed(_Msg, tag="offer_feed"):
+    """A snapshot is the listings at change ``cursor`` (listed=True only), in pages: the
+    first says ``snapshot`` (forget the old state); while ``after`` is not 0, pass it back
+    with ``cursor`` for the next page, which answers with ``snapshot`` False (one that says
+    True started over). After the last page, the changes since ``cursor`` follow as usual and
+    fix what changed meanwhile (a listing may come twice)."""
+
     feed_id: int
     cursor: int  # pass it back in the next Offers
-    snapshot: bool  # ``changes`` is the whole state (listed=True only): forget the old one
+    snapshot: bool  # the first page of a snapshot: forget the old state
     more: bool  # cut at a bound: ask again for the rest
     changes: list[OfferChange]
     holders: list[OfferHolder]  # the namespace's holders now
+    after: int = 0  # not 0: a snapshot page, more follow (see above)
 
 
 class HolderList(_Msg, tag="holder_list"):

@@ -4,9 +4,11 @@ Engines A (exporter), B (importer) and C (the marketplace next to ExampleConnect
 MultiConnector, configs/multi-example.json), all with vLLM's ``kv_events_config`` on,
 publish over ZMQ to one subscriber here (their PUB sockets connect to it, as they would to
 llm-d's), which decodes vLLM's ``KVEventBatch`` as vLLM encodes it. B and C must announce
-A's prefix under medium KVMKT with its exact token ids while idle; B must serve what it
-announced (and so export it too), and retract it while idle after A is SIGKILLed, while C
-keeps it (B lists it) until B is SIGKILLed too; A never announces its own exports. Idle
+A's prefix under medium KVMKT with its exact token ids while idle; after a plain prefix-cache
+reset, B must announce it again after vLLM's AllBlocksCleared (llm-d clears the whole pod on
+it); B must serve what it announced (and so export it too), and retract it while idle after A
+is SIGKILLed, while C keeps it (B lists it) until B is SIGKILLed too; A never announces its
+own exports. Idle
 engines do not step: what they announce, the feed thread publishes through vLLM's
 scheduler's publisher, which the connector finds alone and under MultiConnector.
 """
@@ -21,7 +23,12 @@ import msgspec
 import pytest
 import zmq
 from vllm.config.kv_events import KVEventsConfig
-from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
+from vllm.distributed.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+)
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvmkt_connector.hashing import BlockKeyer
@@ -167,9 +174,23 @@ def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, clu
     print(f"announced {time.monotonic() - published:.2f} s after publishing ({took:.2f} s "
           f"wait for B, then {took_c:.2f} s for C)")
 
-    # What B announced, B serves: a request for the prompt imports every announced block.
+    # A plain prefix-cache reset on B: vLLM publishes AllBlocksCleared with B's next step,
+    # and llm-d then drops all of B's blocks, KVMKT ones too: B announces them again after
+    # it, in that step's batch. What B announced, B serves: that step's request, for the
+    # prompt, imports every announced block.
+    assert b.reset_prefix_cache() is True
     (got,) = b.generate([PROMPT], max_tokens=A_OUT)
     assert got.imported_tokens == EXPORTED * BS
+
+    def after_clear() -> list | None:
+        events = sub.events("kv@B")
+        cleared = [i for i, e in enumerate(events) if isinstance(e, AllBlocksCleared)]
+        if not cleared:
+            return None
+        return [e for e in events[cleared[-1] + 1:] if getattr(e, "medium", None) == "KVMKT"]
+
+    wait_for(lambda: after_clear() is not None, 15, "B's AllBlocksCleared")
+    wait_for(lambda: announced(after_clear()) == live, 15, "B's announcements after the reset")
 
     # B exports the prompt too (its request ended): C can now import it from A or from B.
     cluster.wait_published(2 * EXPORTED)

@@ -1,7 +1,9 @@
 """``KvEventFeed`` against a real registry and a real exporter channel: announce, retract
 everything when the registry goes, announce again after the exporter publishes again to a
 new registry (its token ids included), never count our own exports, and judge each holder's
-descriptor once, not per poll."""
+descriptor once, not per poll. Its bounds (answers per round, one answer's events waiting
+until taken) with a registry larger than several answers, a vLLM prefix-cache reset (on
+vLLM's own BlockPool), and a holder that starts to count."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import time
 from array import array
 
 from registry_helpers import BLOCK_SIZE, chain, namespace, wait_until
-from vllm.distributed.kv_events import BlockRemoved, BlockStored
+from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.connector.exporter import ResetWatch
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.kv_events import KvEventFeed
-from kvmkt_connector.registry.protocol import BlockTokens
+from kvmkt_connector.registry.protocol import MAX_OFFER_CHANGES, BlockTokens, publish_chunks
 
 NS = namespace("feed")
 TOKENS = list(range(7, 7 + 6 * BLOCK_SIZE))
@@ -28,16 +32,19 @@ def tokens_of(keys: list[bytes]) -> list[BlockTokens]:
 
 
 class Announced:
-    """Applies a feed's events in order, as a router would."""
+    """Applies a feed's events in order, as a router would (llm-d: AllBlocksCleared clears
+    all of the pod's blocks, whatever their medium)."""
 
     def __init__(self, feed: KvEventFeed) -> None:
         self.feed = feed
         self.live: dict = {}
         self.removed = 0
 
-    def __call__(self) -> dict:
-        for e in self.feed.take_events():
-            if isinstance(e, BlockStored):
+    def __call__(self, events: list | None = None) -> dict:
+        for e in self.feed.take_events() if events is None else events:
+            if isinstance(e, AllBlocksCleared):
+                self.live.clear()
+            elif isinstance(e, BlockStored):
                 assert e.medium == "KVMKT" and e.block_size == BLOCK_SIZE
                 assert e.parent_block_hash is None or e.parent_block_hash in self.live
                 for i, h in enumerate(e.block_hashes):
@@ -96,3 +103,114 @@ def test_feed_follows_the_registry(start_registry) -> None:
         feed.shutdown()
         exporter.close()
         ours.close()
+
+
+def one_block_prefixes(n: int, start: int = 0) -> list[BlockTokens]:
+    return [BlockTokens(i.to_bytes(16, "big"), b"", i.to_bytes(4, "little") * BLOCK_SIZE)
+            for i in range(start, start + n)]  # fmt: skip
+
+
+def publish(client, blocks: list[BlockTokens], first_location: int = 0) -> None:
+    keys = [b.key for b in blocks]
+    for msg in publish_chunks(keys, range(first_location, first_location + len(keys)), blocks):
+        client.publish(msg.keys, msg.locations, msg.tokens)
+
+
+def manual_feed(reg, **kw) -> KvEventFeed:
+    """A feed whose thread never polls by itself (an hour's interval): the test runs its
+    rounds with ``poll_round``, as the thread would."""
+    cfg = MarketplaceConfig(registry_socket=reg.socket_path, registry_autostart=False,
+                            kv_events_interval_ms=3_600_000, min_import_tokens=BLOCK_SIZE,
+                            kv_events_max_blocks=50_000)  # fmt: skip
+    kw.setdefault("readable", lambda d: True)
+    return KvEventFeed(cfg, "b", NS, BLOCK_SIZE, **kw)
+
+
+def test_rounds_are_bounded_and_events_wait_to_be_taken(start_registry) -> None:
+    """33,000 listings need 9 answers: a round reads 8, and announces nothing before the
+    snapshot is whole; then one answer's events wait until taken, and no round reads while
+    they do (a feed used to read 4,096 of them and nothing more)."""
+    reg = start_registry("--capacity", "60000")
+    a = reg.connect("a", timeout_s=30)
+    a.register_holder(NS, "a", b"fp", b"desc-a")
+    publish(a, one_block_prefixes(33_000))
+    feed = manual_feed(reg)
+    seen = Announced(feed)
+    try:
+        assert feed.poll_round() == 8 and not feed.has_pending()
+        assert feed.poll_round() == 1 and feed.has_pending()  # the last page
+        assert feed.poll_round() == 0  # its events wait
+        assert len(seen()) == 33_000
+
+        # 5,000 more listings: two answers of changes, each announced only once the events
+        # of the one before were taken.
+        publish(a, one_block_prefixes(5_000, start=33_000), first_location=33_000)
+        taken = []
+        for _ in range(2):
+            assert feed.poll_round() == 1 and feed.has_pending()
+            assert feed.poll_round() == 0
+            taken.append(len(seen()))
+        assert taken == [33_000 + MAX_OFFER_CHANGES, 38_000]
+        assert feed.poll_round() == 1 and not feed.has_pending()  # nothing new
+    finally:
+        feed.shutdown()
+        a.close()
+
+
+def test_a_prefix_cache_reset_announces_everything_again(start_registry) -> None:
+    """vLLM publishes its block pool's AllBlocksCleared, then the connector's events, in the
+    same batch; llm-d clears the pod's KVMKT entries too on it. What holds must be announced
+    again after it, including what a pending retraction left (it used to stay cleared)."""
+    reg = start_registry()
+    a = reg.connect("a")
+    a.register_holder(NS, "a", b"fp", b"desc-a")
+    keys = chain(NS, TOKENS)[:4]
+    a.publish(keys, [0, 1, 2, 3], tokens_of(keys))
+    pool = BlockPool(num_gpu_blocks=8, enable_caching=True, hash_block_size=BLOCK_SIZE,
+                     enable_kv_cache_events=True)  # fmt: skip
+    feed = manual_feed(reg, resets=ResetWatch(pool).check)
+    router = Announced(feed)
+
+    def step() -> list:  # what vLLM's scheduler publishes after a step, in its order
+        events = pool.take_events() + list(feed.take_events())
+        router(events)
+        return events
+
+    try:
+        feed.poll_round()
+        step()
+        hashes = [maybe_convert_block_hash(k) for k in keys]
+        assert list(router.live) == hashes
+        a.unpublish([3])
+        feed.poll_round()  # block 3's retraction waits for a step
+        assert pool.reset_prefix_cache()
+        events = step()
+        assert isinstance(events[0], AllBlocksCleared)
+        assert all(isinstance(e, BlockStored) and e.medium == "KVMKT" for e in events[1:])
+        assert list(router.live) == hashes[:3]
+        assert step() == []  # once per reset
+    finally:
+        feed.shutdown()
+        a.close()
+
+
+def test_a_holder_that_starts_to_count_is_read_again(start_registry) -> None:
+    """Listings of holders that do not count (ours, unreadable ones) are not kept; if such
+    a holder's bit starts to count (here: our own bit went to a neighbour), the feed reads
+    a snapshot again instead of missing that holder's blocks for good."""
+    reg = start_registry()
+    a = reg.connect("a")
+    a.register_holder(NS, "a", b"fp", b"desc-a")
+    publish(a, one_block_prefixes(10))
+    own = {"bit": a.holder_bit}
+    feed = manual_feed(reg, own_bit=lambda: own["bit"])
+    seen = Announced(feed)
+    try:
+        feed.poll_round()
+        assert not seen()
+        own["bit"] = 63
+        feed.poll_round()
+        assert len(seen()) == 10
+    finally:
+        feed.shutdown()
+        a.close()

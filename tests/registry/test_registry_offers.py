@@ -1,4 +1,5 @@
-"""The offer feed (``Offers``): tokens published with blocks, and their listing changes."""
+"""The offer feed (``Offers``): tokens published with blocks, their listing changes, and
+snapshots in pages that a new reader follows to the whole state."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import pytest
 from registry_helpers import BLOCK_SIZE, chain, namespace, wait_until
 
 from kvmkt_connector.registry.client import RegistryError
+from kvmkt_connector.registry.framing import encode_frame
 from kvmkt_connector.registry.offers import OfferCatalog
-from kvmkt_connector.registry.protocol import BlockTokens
+from kvmkt_connector.registry.protocol import (
+    MAX_BLOCK_TOKEN_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_OFFER_CHANGES,
+    MAX_OFFER_TOKEN_BYTES,
+    BlockTokens,
+    OfferFeed,
+    publish_chunks,
+)
 
 NS = namespace("offers")
 OTHER_NS = namespace("offers-other")
@@ -77,15 +87,15 @@ def test_bounds_gap_and_restart_mean_snapshot() -> None:
     bits = {k: [0] for k in keys}
     catalog.describe(NS, blocks, lambda k: bits[k])
     assert catalog.described_blocks == 3  # the rest are never announced
-    cursor, snapshot, more, changes = catalog.read(NS, catalog.feed_id, 0, 10)
-    assert not snapshot and [c.key for c in changes] == keys[:3]  # 3 changes kept of 4
-    cursor, snapshot, more, changes = catalog.read(NS, catalog.feed_id, 0, 2)
-    assert more and len(changes) == 2 and cursor == 2  # cut at max_changes
+    feed = catalog.read(NS, catalog.feed_id, 0, 10)
+    assert not feed.snapshot and [c.key for c in feed.changes] == keys[:3]  # 3 changes kept of 4
+    feed = catalog.read(NS, catalog.feed_id, 0, 2)
+    assert feed.more and len(feed.changes) == 2 and feed.cursor == 2  # cut at max_changes
     for bit in (1, 2, 3):  # 3 more changes: change 1 falls out of the kept window
         catalog.key_listed(keys[0], bit)
-    assert catalog.read(NS, catalog.feed_id, 0, 10)[1]  # too old: a snapshot
-    assert catalog.read(NS, catalog.feed_id + 1, cursor, 10)[1]  # another registry's feed
-    snap = catalog.read(NS, 0, 0, 10)[3]
+    assert catalog.read(NS, catalog.feed_id, 0, 10).snapshot  # too old: a snapshot
+    assert catalog.read(NS, catalog.feed_id + 1, feed.cursor, 10).snapshot  # another registry's
+    snap = catalog.read(NS, 0, 0, 10).changes
     assert sorted((c.key, c.holder_bit) for c in snap) == sorted(
         [(keys[0], b) for b in range(4)] + [(keys[1], 0), (keys[2], 0)]
     )
@@ -108,3 +118,119 @@ def test_bad_block_tokens_are_refused(registry, bad: BlockTokens) -> None:
     assert reader.lookup(NS, [b"k" * 16]) == (None, 0)  # the whole publish was refused
     assert reader.offers(NS).changes == []
     a.publish([b"k" * 16], [1])  # the connection is still usable
+
+
+def many(n: int, token_bytes: int = 16, start: int = 0) -> list[BlockTokens]:
+    """``n`` unrelated one-block prefixes (keys need not be real for the catalog)."""
+    return [BlockTokens(i.to_bytes(16, "big"), b"", i.to_bytes(4, "little") * (token_bytes // 4))
+            for i in range(start, start + n)]  # fmt: skip
+
+
+def follow(read, between=lambda page: None) -> tuple[set, list[OfferFeed]]:
+    """What a new reader ends up with, (key, holder bit) listed, reading while ``more``:
+    ``read(feed_id, cursor, after)`` answers an Offers request; ``between(page number)`` may
+    change the catalog after each snapshot page. Also returns the snapshot's pages."""
+    feed = read(0, 0, 0)
+    assert feed.snapshot
+    pages = [feed]
+    state = {(c.key, c.holder_bit) for c in feed.changes}
+    while feed.more:
+        if feed.after:
+            between(len(pages))
+        paging = feed.after
+        feed = read(feed.feed_id, feed.cursor, feed.after)
+        assert not feed.snapshot  # the same snapshot goes on, or changes since it
+        if paging:
+            pages.append(feed)
+        for c in feed.changes:
+            (state.add if c.listed else state.discard)((c.key, c.holder_bit))
+    return state, pages
+
+
+def test_a_new_reader_gets_every_listing_of_a_large_registry(start_registry) -> None:
+    """6,000 listings: a new reader used to get 4,096 of them with more=False, then only
+    later changes (it never learnt the rest)."""
+    registry = start_registry("--capacity", "10000")
+    a = holder(registry, "a")
+    blocks = many(6000)
+    for msg in publish_chunks([b.key for b in blocks], list(range(6000)), blocks):
+        a.publish(msg.keys, msg.locations, msg.tokens)
+    reader = registry.connect("reader")
+
+    def read(feed_id: int, cursor: int, after: int) -> OfferFeed:
+        if not after:  # as a reader of protocol 2 would ask
+            return reader.offers(NS, feed_id, cursor)
+        return reader.offers(NS, feed_id, cursor, after=after)
+
+    state, pages = follow(read)
+    assert state == {(b.key, a.holder_bit) for b in blocks}
+    assert [len(p.changes) for p in pages] == [4096, 1904]  # no listing twice, none lost
+
+
+def test_pages_of_a_snapshot_that_changes_meanwhile() -> None:
+    catalog = OfferCatalog()
+    blocks = many(6000)
+    catalog.describe(NS, blocks, lambda k: [0])
+    catalog.describe(OTHER_NS, many(3000, start=10_000), lambda k: [1])  # not NS's
+
+    def read(feed_id: int, cursor: int, after: int) -> OfferFeed:
+        return catalog.read(NS, feed_id, cursor, MAX_OFFER_CHANGES, after)
+
+    state, pages = follow(read)
+    assert state == {(b.key, 0) for b in blocks} and len(pages) == 2
+    assert pages[0].more and pages[0].after and not pages[1].more and not pages[1].after
+    assert read(pages[1].feed_id, pages[1].cursor, 0).changes == []
+
+    # The catalog changes while a reader pages: what it ends up with is the state then.
+    listed = {(b.key, 0) for b in blocks}
+    newer = many(100, start=6000)
+
+    def churn(page: int) -> None:
+        for key in (blocks[10].key, blocks[5000].key):  # one already read, one not yet
+            catalog.key_unlisted(key, 0)
+            listed.discard((key, 0))
+        catalog.key_listed(blocks[4500].key, 3)  # another holder lists one not yet read
+        listed.add((blocks[4500].key, 3))
+        catalog.describe(NS, newer, lambda k: [2])  # published meanwhile
+        listed.update((b.key, 2) for b in newer)
+
+    state, pages = follow(read, churn)
+    assert len(pages) == 2 and state == listed
+
+
+def test_snapshot_pages_stay_within_the_token_budget() -> None:
+    """Tokens travel with every listing: 3 holders of 4 KiB blocks used to make a first
+    page of 1,536 listings, 6 MiB of tokens (the budget counted each block once)."""
+    catalog = OfferCatalog()
+    blocks = many(2000, token_bytes=4096)
+    catalog.describe(NS, blocks, lambda k: [0, 1, 2])
+    state, pages = follow(lambda f, c, after: catalog.read(NS, f, c, MAX_OFFER_CHANGES, after))
+    assert state == {(b.key, bit) for b in blocks for bit in range(3)}
+    for page in pages:
+        assert sum(len(c.block.tokens) for c in page.changes) <= MAX_OFFER_TOKEN_BYTES
+        assert len(page.changes) <= MAX_OFFER_CHANGES
+        assert len(encode_frame(page)) < MAX_FRAME_BYTES
+    # A page holds whole blocks: a block's listings never straddle two pages.
+    assert all(len(p.changes) % 3 == 0 for p in pages)
+    # Read as changes (a reader that follows from the start): the same budget, give or
+    # take one block.
+    feed = catalog.read(NS, catalog.feed_id, 0, MAX_OFFER_CHANGES)
+    assert feed.more and not feed.snapshot
+    tokens = sum(len(c.block.tokens) for c in feed.changes)
+    assert tokens <= MAX_OFFER_TOKEN_BYTES + MAX_BLOCK_TOKEN_BYTES
+
+
+def test_a_paged_snapshot_starts_over_when_its_changes_are_gone() -> None:
+    """A reader that pages slower than the feed keeps changes could not fix what changed
+    meanwhile: it gets a new snapshot, not a stale one."""
+    catalog = OfferCatalog(max_changes=100)
+    blocks = many(5000)
+    catalog.describe(NS, blocks, lambda k: [0])
+    first = catalog.read(NS, 0, 0, MAX_OFFER_CHANGES)
+    assert first.after
+    for bit in range(1, 102):  # 101 changes: the snapshot's first later change is gone
+        catalog.key_listed(blocks[-1].key, bit)
+    again = catalog.read(NS, first.feed_id, first.cursor, MAX_OFFER_CHANGES, first.after)
+    assert again.snapshot and again.after and again.cursor > first.cursor
+    # Nonsense (a page after the snapshot's own change): a new snapshot too.
+    assert catalog.read(NS, again.feed_id, again.cursor, 10, again.cursor + 1).snapshot

@@ -20,3 +20,13 @@ def test_defaults_and_overrides():
 def test_bad_config_is_refused_with_the_key_named(extra, word):
     with pytest.raises(ValueError, match=word):
         MarketplaceConfig.from_extra_config(extra)
+
+
+@pytest.mark.parametrize("medium", ["GPU", "cpu", "Gpu"])
+def test_vllms_own_media_are_refused_for_kv_events(medium):
+    """Under vLLM's own medium our BlockRemoved would delete the instance's real cache
+    entries in a router (llm-d keys entries by pod and medium, names lower-cased)."""
+    with pytest.raises(ValueError, match="kv_events_medium"):
+        MarketplaceConfig.from_extra_config({"kv_events_medium": medium})
+    assert MarketplaceConfig.from_extra_config({"kv_events_medium": "kvmkt-gpu"})
+    assert MarketplaceConfig.from_extra_config({"kv_events_medium": None})

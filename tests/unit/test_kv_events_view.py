@@ -8,7 +8,7 @@ from array import array
 from vllm.distributed.kv_events import BlockRemoved, BlockStored
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from kvmkt_connector.connector.kv_events import OfferView, build_events, holder_readable
+from kvmkt_connector.connector.offer_view import OfferView, build_events, holder_readable
 from kvmkt_connector.hashing import BlockKeyer
 from kvmkt_connector.registry.protocol import BlockTokens, OfferChange
 from kvmkt_connector.transport.descriptors import (
@@ -73,11 +73,29 @@ def test_own_and_unreadable_holders_never_count_and_snapshots_diff() -> None:
     assert ops == [(True, PREFIX[0].key), (True, PREFIX[1].key)]
     # A becomes unusable (e.g. another transport): all retracted.
     assert sorted(view.apply([], frozenset())) == sorted([(False, b.key) for b in PREFIX[:2]])
-    view.apply([], frozenset({A}))
-    # A snapshot (registry restart) with only block 0 of A: block 1 is retracted, no flap.
-    assert view.apply(listed(PREFIX[:1], A), frozenset({A}), snapshot=True) == [
-        (False, PREFIX[1].key)
+    assert view.apply([], frozenset({A})) == [(True, PREFIX[0].key), (True, PREFIX[1].key)]
+    # A snapshot (registry restart) with blocks 0 and 2 of A, gathered into a fresh view:
+    # block 1 is retracted (2 hangs on it), block 0 is not announced again.
+    fresh = OfferView(max_blocks=100)
+    assert fresh.apply(listed(PREFIX[:1] + PREFIX[2:3], A), frozenset({A})) == [
+        (True, PREFIX[0].key)
     ]
+    assert view.replace(fresh) == [(False, PREFIX[1].key)]
+    assert list(view.announced) == [PREFIX[0].key] and PREFIX[2].key in view.blocks
+    assert view.apply(listed(PREFIX[1:2], A), frozenset({A})) == [
+        (True, PREFIX[1].key), (True, PREFIX[2].key)
+    ]
+
+
+def test_the_cap_counts_only_blocks_a_usable_holder_lists() -> None:
+    """Our own exports and unreadable holders' blocks are never announced, so they must not
+    fill the view: with 4 blocks at most, 4 of our own and 4 of an unreadable holder's
+    came first, then a neighbour's chain of 4 (it used to announce nothing)."""
+    view = OfferView(max_blocks=4)
+    other = blocks_of(list(range(100, 116)))
+    assert view.apply(listed(PREFIX, ME) + listed(other, B), frozenset({A})) == []
+    ops = view.apply(listed(blocks_of(list(range(50, 66))), A), frozenset({A}))
+    assert len(ops) == 4 and len(view.announced) == 4
 
 
 def test_bounded_and_branches_become_separate_events() -> None:
