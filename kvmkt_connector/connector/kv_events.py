@@ -211,7 +211,9 @@ class KvEventFeed:
             if not feed.after:  # the last page: announce what changed as a whole
                 staging, self._staging = self._staging, None
                 self._update(lambda: self._view.replace(staging))
-        if skipped:
+        # Listings dropped at the cap come back only with a snapshot: read one once there
+        # is room (one that overflows again waits for room again: bounded by the churn).
+        if skipped or (self._staging is None and self._view.room_again()):
             self._start_over()  # the snapshot replaces the view: nothing flaps
             return True
         return feed.more

@@ -77,6 +77,7 @@ class OfferView:
         self._parent_of: dict[bytes, bytes] = {}  # announced key -> parent (b"": none)
         self.announced: dict[bytes, None] = {}  # in announcement order
         self._usable: frozenset[int] = frozenset()
+        self.overflowed = False  # a listing was dropped for the cap: only a snapshot has it
 
     def apply(self, changes: list[OfferChange], usable: frozenset[int]) -> list[tuple[bool, bytes]]:
         """``usable``: the holders whose listings count (not us, pages we can read)."""
@@ -91,6 +92,10 @@ class OfferView:
         ops += [(True, k) for k in fresh.announced if k not in self.announced]
         self.__dict__.update(fresh.__dict__)
         return ops
+
+    def room_again(self) -> bool:
+        """Listings were dropped for the cap and a tenth of it is free again."""
+        return self.overflowed and len(self.blocks) <= self._max_blocks * 9 // 10
 
     def withdraw_all(self) -> list[tuple[bool, bytes]]:
         ops = [(False, k) for k in self.announced]
@@ -108,7 +113,10 @@ class OfferView:
                 if change.holder_bit not in usable:  # ours or unreadable: never kept
                     continue
                 if key not in self.blocks:
-                    if len(self.blocks) >= self._max_blocks or change.block is None:
+                    if change.block is None:
+                        continue
+                    if len(self.blocks) >= self._max_blocks:
+                        self.overflowed = True
                         continue
                     self.blocks[key] = change.block
                     self._bits[key] = set()

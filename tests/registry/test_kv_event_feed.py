@@ -214,3 +214,36 @@ def test_a_holder_that_starts_to_count_is_read_again(start_registry) -> None:
     finally:
         feed.shutdown()
         a.close()
+
+
+def test_listings_dropped_at_the_cap_are_announced_once_there_is_room(start_registry) -> None:
+    """The view holds ``kv_events_max_blocks`` blocks: listings past it are dropped, and
+    no later change brings them back. Once removals free a tenth of the cap, the feed
+    reads a snapshot again and announces them."""
+    reg = start_registry()
+    a = reg.connect("a", timeout_s=30)
+    a.register_holder(NS, "a", b"fp", b"desc-a")
+    cfg = MarketplaceConfig(registry_socket=reg.socket_path, registry_autostart=False,
+                            kv_events_interval_ms=3_600_000, min_import_tokens=BLOCK_SIZE,
+                            kv_events_max_blocks=10)  # fmt: skip
+    feed = KvEventFeed(cfg, "b", NS, BLOCK_SIZE, readable=lambda d: True)
+    seen = Announced(feed)
+    try:
+        publish(a, one_block_prefixes(10))
+        for _ in range(3):
+            feed.poll_round()
+            seen()
+        assert len(seen()) == 10
+        publish(a, one_block_prefixes(5, start=10), first_location=10)  # past the cap
+        for _ in range(3):
+            feed.poll_round()
+            assert len(seen()) == 10
+        a.unpublish(list(range(5)))  # room for the five dropped ones
+        for _ in range(4):
+            feed.poll_round()
+            seen()
+        want = {maybe_convert_block_hash(b.key) for b in one_block_prefixes(10, start=5)}
+        assert set(seen()) == want
+    finally:
+        feed.shutdown()
+        a.close()
