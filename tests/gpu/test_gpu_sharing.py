@@ -35,16 +35,9 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if torch.cuda.device_count() < 1:
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import vllm.platforms
+from tests.gpu.needs_gpu import cuda_gpu_count
 
-    if not vllm.platforms.current_platform.is_cuda():
-        pytest.skip("needs the CUDA build of vLLM", allow_module_level=True)
-except ImportError:
-    pytest.skip("needs vLLM", allow_module_level=True)
+GPUS = cuda_gpu_count()
 
 from kvmkt_connector.demo.tiny_model import GPU_TEST_SHAPE, write_tiny_llama  # noqa: E402
 from tests.conftest import connector_config  # noqa: E402
@@ -54,7 +47,7 @@ BS = 16
 LOGPROB_TOL = 0.1
 # Two GPUs: A on GPU0, B and R on GPU1 (pages cross NVLink). One GPU: all three share it
 # (same IPC and copy code, no NVLink), which is how this runs where only one GPU is lent.
-PAIR = torch.cuda.device_count() >= 2
+PAIR = GPUS >= 2
 EXPORTER_GPUS = "0"
 IMPORTER_GPUS = os.environ.get("KVMKT_IMPORTER_VISIBLE", "1" if PAIR else "0")
 _rng = random.Random(99)

@@ -20,16 +20,9 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if torch.cuda.device_count() < 1:
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
-try:
-    import vllm.platforms
+from tests.gpu.needs_gpu import cuda_gpu_count
 
-    if not vllm.platforms.current_platform.is_cuda():
-        pytest.skip("needs the CUDA build of vLLM", allow_module_level=True)
-except ImportError:
-    pytest.skip("needs vLLM", allow_module_level=True)
+GPUS = cuda_gpu_count()
 
 from kvmkt_connector.demo.tiny_model import GPU_TEST_SHAPE, write_tiny_llama  # noqa: E402
 from tests.conftest import connector_config  # noqa: E402
@@ -45,7 +38,7 @@ def fresh(n: int) -> list[int]:
 
 def test_idle_importer_unmaps_a_killed_exporter(cluster, tmp_path) -> None:
     model = write_tiny_llama(str(tmp_path / "model"), seed=3, shape=GPU_TEST_SHAPE)
-    importer_gpu = "1" if torch.cuda.device_count() >= 2 else "0"
+    importer_gpu = "1" if GPUS >= 2 else "0"
     kw = dict(dtype="bfloat16", enforce_eager=True, max_model_len=4096,
               gpu_memory_utilization=0.2, disable_log_stats=False)
     x = cluster.start("X", model, connector=connector_config(transport="cuda_ipc"),
