@@ -163,9 +163,17 @@ class EngineProcess:
             self.kill()
             raise TimeoutError(f"engine not ready after {timeout_s} s (log: {self.log_path})")
         status, payload = self._conn.recv()
-        if status != "ready":
-            raise RuntimeError(f"engine failed to start:\n{payload}")
+        if status != "ready":  # vLLM's root cause is in the engine's log, not the traceback
+            raise RuntimeError(f"engine failed to start:\n{payload}\n"
+                               f"last lines of {self.log_path}:\n{self._log_tail()}")
         self._ready = True
+
+    def _log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError as e:
+            return f"(unreadable: {e})"
 
     def _call(self, cmd: str, args: Any = None, timeout_s: float = 600) -> Any:
         self._conn.send((cmd, args))
