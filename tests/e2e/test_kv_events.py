@@ -197,24 +197,26 @@ def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, clu
 
     # A dies: B, idle, retracts every block it announced (its own exports never count for
     # B). C still announces them all: B lists them.
-    n_before = len(sub.events("kv@B", "KVMKT"))
-    a.kill()
-    killed = time.monotonic()
-    wait_for(lambda: not announced(sub.events("kv@B", "KVMKT")), 15, "B's retraction")
-    removed = [e for e in sub.events("kv@B", "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
-    assert {h for e in removed for h in e.block_hashes} == set(live)
-    print(f"retracted {time.monotonic() - killed:.2f} s after SIGKILL of A")
+    took = kill_and_see_retracted(sub, a, "kv@B", live)
+    print(f"retracted {took:.2f} s after SIGKILL of A")
     time.sleep(1.0)  # four feed intervals of C
     assert announced(sub.events("kv@C", "KVMKT")) == live
 
     # B dies too: C, idle under MultiConnector, retracts every block it announced.
-    n_before = len(sub.events("kv@C", "KVMKT"))
-    b.kill()
+    took = kill_and_see_retracted(sub, b, "kv@C", live)
+    print(f"C (MultiConnector) retracted {took:.2f} s after SIGKILL of B")
+
+
+def kill_and_see_retracted(sub, engine, topic: str, live: dict) -> float:
+    """SIGKILL ``engine``; ``topic``'s instance must retract every block of ``live``
+    (BlockRemoved of each, nothing left announced); returns how long that took."""
+    n_before = len(sub.events(topic, "KVMKT"))
+    engine.kill()
     killed = time.monotonic()
-    wait_for(lambda: not announced(sub.events("kv@C", "KVMKT")), 15, "C's retraction")
-    removed = [e for e in sub.events("kv@C", "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
+    wait_for(lambda: not announced(sub.events(topic, "KVMKT")), 15, f"{topic}'s retraction")
+    removed = [e for e in sub.events(topic, "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
     assert {h for e in removed for h in e.block_hashes} == set(live)
-    print(f"C (MultiConnector) retracted {time.monotonic() - killed:.2f} s after SIGKILL of B")
+    return time.monotonic() - killed
 
 
 def _namespace(cluster) -> bytes:
