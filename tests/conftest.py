@@ -95,6 +95,16 @@ class Cluster:
         self.registry.wait(10)
 
 
+def wait_for(what: str, predicate, timeout_s: float) -> float:
+    """Poll ``predicate`` every 0.1 s; fail naming ``what`` after ``timeout_s``; return
+    how long it took."""
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout_s, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic() - t0
+
+
 def connector_config(**extra) -> dict:
     return {"kv_connector": CONNECTOR, "kv_role": "kv_both", "kv_connector_extra_config": extra}
 

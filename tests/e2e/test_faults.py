@@ -25,7 +25,7 @@ import time
 import pytest
 
 from kvmkt_connector.demo.engine_process import fd_count, group_pids
-from tests.conftest import connector_config
+from tests.conftest import connector_config, wait_for
 
 pytestmark = pytest.mark.engine
 
@@ -117,14 +117,6 @@ def mapped_holder_files(pids: list[int], of_pids: list[int]) -> list[str]:
         except OSError:
             pass
     return lines
-
-
-def wait_for(what: str, predicate, timeout_s: float) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout_s, f"{what} after {timeout_s} s"
-        time.sleep(0.1)
-    return time.monotonic() - t0
 
 
 @pytest.fixture(scope="module")

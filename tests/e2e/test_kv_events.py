@@ -32,7 +32,7 @@ from vllm.distributed.kv_events import (
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvmkt_connector.hashing import BlockKeyer
-from tests.conftest import CONNECTOR, connector_config
+from tests.conftest import CONNECTOR, connector_config, wait_for
 from tests.e2e.multi_helpers import SMALL, children, config, wait_all
 
 pytestmark = pytest.mark.engine
@@ -109,14 +109,6 @@ def chain_tokens(live: dict) -> list[int]:
     return out
 
 
-def wait_for(predicate, timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - t0 < timeout_s, f"{what} not within {timeout_s} s"
-        time.sleep(0.1)
-    return time.monotonic() - t0
-
-
 @pytest.fixture(scope="module")
 def sub():
     s = Subscriber()
@@ -160,8 +152,8 @@ def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, clu
     def announce(topic: str) -> bool:
         return len(chain_tokens(announced(sub.events(topic, "KVMKT")))) >= EXPORTED * BS
 
-    took = wait_for(lambda: announce("kv@B"), 15, "B's KVMKT announcement")
-    took_c = wait_for(lambda: announce("kv@C"), 15, "C's KVMKT announcement (MultiConnector)")
+    took = wait_for("B's KVMKT announcement", lambda: announce("kv@B"), 15)
+    took_c = wait_for("C's KVMKT announcement (MultiConnector)", lambda: announce("kv@C"), 15)
     live = announced(sub.events("kv@B", "KVMKT"))
     assert chain_tokens(live) == PROMPT[: EXPORTED * BS]
     assert announced(sub.events("kv@C", "KVMKT")) == live
@@ -189,8 +181,8 @@ def test_importer_announces_serves_and_retracts_a_neighbours_prefix(engines, clu
             return None
         return [e for e in events[cleared[-1] + 1:] if getattr(e, "medium", None) == "KVMKT"]
 
-    wait_for(lambda: after_clear() is not None, 15, "B's AllBlocksCleared")
-    wait_for(lambda: announced(after_clear()) == live, 15, "B's announcements after the reset")
+    wait_for("B's AllBlocksCleared", lambda: after_clear() is not None, 15)
+    wait_for("B's announcements after the reset", lambda: announced(after_clear()) == live, 15)
 
     # B exports the prompt too (its request ended): C can now import it from A or from B.
     cluster.wait_published(2 * EXPORTED)
@@ -213,7 +205,7 @@ def kill_and_see_retracted(sub, engine, topic: str, live: dict) -> float:
     n_before = len(sub.events(topic, "KVMKT"))
     engine.kill()
     killed = time.monotonic()
-    wait_for(lambda: not announced(sub.events(topic, "KVMKT")), 15, f"{topic}'s retraction")
+    wait_for(f"{topic}'s retraction", lambda: not announced(sub.events(topic, "KVMKT")), 15)
     removed = [e for e in sub.events(topic, "KVMKT")[n_before:] if isinstance(e, BlockRemoved)]
     assert {h for e in removed for h in e.block_hashes} == set(live)
     return time.monotonic() - killed
