@@ -13,7 +13,7 @@ weights, bf16, CUDA graphs, three at --gpu-memory-utilization 0.28. Every instan
 flags (block size 16, prefix caching, max-num-batched-tokens = max-model-len: no chunked
 prefill, which ExampleConnector needs and which we then give every arm).
 
-Model directory: the config plus a word-level tokenizer ("w3 w4 ..." one word per token id,
+Model directory: the config plus a word-level tokenizer (one short word per token id, its id in base 62;
 vocabulary = the model's vocab size) written here; the run checks that prompts sampled by the
 benchmark's dataset re-encode to exactly prefix+suffix tokens (server and client agree).
 
@@ -71,22 +71,6 @@ KV_BYTES_PER_TOKEN_8B = 32 * 2 * 8 * 128 * 2  # layers x (K,V) x kv heads x head
 
 # ----------------------------------------------------------------------------- model dir
 
-def write_word_tokenizer(path: str, vocab_size: int, max_len: int) -> None:
-    """A WordLevel tokenizer: ids 0-2 special, word ``w<i>`` is token ``i``; decode joins
-    words with spaces, so decode -> encode is the identity on any id sequence."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.save(os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-                   "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": max_len}, f)
-
-
 def write_model(work: str, cpu: bool, max_len: int) -> str:
     from kvmkt_connector.demo import tiny_model
 
@@ -97,7 +81,7 @@ def write_model(work: str, cpu: bool, max_len: int) -> str:
     else:
         tiny_model.write_llama3_8b_config(path)
         vocab = 128256
-    write_word_tokenizer(path, vocab, max_len)
+    tiny_model.write_word_tokenizer(path, vocab, max_len)
     return path
 
 
@@ -123,7 +107,9 @@ def _post(url: str, timeout: float = 30) -> str:
 def completion_error(base: str, model: str, prompt_words: int, max_tokens: int) -> str | None:
     """One completion of ``prompt_words`` words: None if it is served, else the server's
     error text (vllm bench serve keeps only the HTTP reason, e.g. "Bad Request")."""
-    body = json.dumps({"model": model, "prompt": " ".join(f"w{3 + i % 1000}" for i in range(prompt_words)),
+    from kvmkt_connector.demo.tiny_model import words
+
+    body = json.dumps({"model": model, "prompt": words([3 + i % 1000 for i in range(prompt_words)]),
                        "max_tokens": max_tokens, "temperature": 0}).encode()
     req = urllib.request.Request(base + "/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})

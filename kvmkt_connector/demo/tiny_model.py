@@ -77,15 +77,33 @@ def write_tiny_llama(path: str, seed: int = 0, shape: TinyLlamaShape = TinyLlama
             p + "post_attention_layernorm.weight": torch.ones(s.hidden_size),
         })
     save_file(weights, os.path.join(path, "model.safetensors"))
-    _write_word_tokenizer(path, s.vocab_size)
+    write_word_tokenizer(path, s.vocab_size)
     return path
 
 
-def _write_word_tokenizer(path: str, vocab_size: int) -> None:
+_WORD_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def word(token_id: int) -> str:
+    """The word of ``token_id`` in the word-level tokenizer: its id in base 62, at most 3
+    characters for a 128k vocabulary. Short on purpose: vLLM's server refuses a prompt of
+    more characters than 7 a token allows (a 16k-token prompt of "w123456" words is
+    refused at max_model_len 16,640)."""
+    digits = []
+    while True:
+        token_id, d = divmod(token_id, 62)
+        digits.append(_WORD_ALPHABET[d])
+        if token_id == 0:
+            return "".join(reversed(digits))
+
+
+def write_word_tokenizer(path: str, vocab_size: int, max_len: int = 4096) -> None:
+    """A WordLevel tokenizer: ids 0-2 special, ``word(i)`` is token ``i``; decode joins
+    words with spaces, so decode -> encode is the identity on any id sequence."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    vocab.update({word(i): i for i in range(3, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -93,14 +111,14 @@ def _write_word_tokenizer(path: str, vocab_size: int) -> None:
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(
             {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-             "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096},
+             "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": max_len},
             f,
         )
 
 
 def words(token_ids: list[int]) -> str:
-    """The text that the tiny tokenizer turns back into ``token_ids``."""
-    return " ".join(f"w{t}" for t in token_ids)
+    """The text that the word tokenizer turns back into ``token_ids``."""
+    return " ".join(word(t) for t in token_ids)
 
 
 def write_llama3_8b_config(path: str, num_layers: int = 32) -> str:

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from kvmkt_connector.demo.tiny_model import word
 from tests.conftest import CONNECTOR
 
 pytestmark = pytest.mark.engine
@@ -105,7 +106,7 @@ def test_serve_imports_by_name_and_metrics_show_it(server, cluster, tiny_model_d
         (ref,) = exporter.generate([prompt], max_tokens=6,
                                    options=[{"skip_reading_prefix_cache": True}])
         got = out["choices"][0]["text"].split()
-        assert got == [f"w{t}" for t in ref.token_ids], (got, ref.token_ids)
+        assert got == [word(t) for t in ref.token_ids], (got, ref.token_ids)
     assert imported == [(len(p) // BS) * BS for p in prefixes]
     deadline = time.monotonic() + 30
     while True:  # the front end folds engine stats in at its own pace

@@ -331,13 +331,17 @@ def test_exporter_killed_mid_import(engines):
     mirror = first_tokens(r, prompts)  # R's own cached prefixes (computed like A's); runs
     ref = first_tokens(r, prompts, options=[RECOMPUTE])  # before the recompute caches more
     imported = [g.imported_tokens for g in got]
-    # imported prompts must match the mirror exactly; the others are plain prefills
+    # Imported prompts must match the mirror exactly. The others are plain prefills: against
+    # R's recompute they may flip a bf16 near-tie no more often than vLLM's own prefix cache
+    # does on these prompts (mirror vs recompute; the soak sees such flips too).
     exact = [compare([g], [m]) for g, m, n in zip(got, mirror, imported, strict=True) if n]
-    mism, worst = compare(got, ref)
+    plain = [i for i, n in enumerate(imported) if not n]
+    mism, worst = compare([got[i] for i in plain], [ref[i] for i in plain])
+    apc_mism, apc_worst = compare(mirror, ref)
     REPORT["exporter_killed"] = dict(prompts=len(prompts), killed_after=killed_after,
-                                     imported=imported, token_mismatches=mism,
-                                     max_abs_logprob_delta=worst)
+                                     imported=imported, prefilled_vs_recompute=(mism, worst),
+                                     control_vllm_prefix_cache_vs_recompute=(apc_mism, apc_worst))
     print("\nGPU exporter killed mid-import:", REPORT["exporter_killed"])
     assert imported[0] > 0, "nothing was imported before the kill: the test proves nothing"
     assert all(m == 0 and d <= 1e-6 for m, d in exact)
-    assert worst <= LOGPROB_TOL and mism == 0
+    assert worst <= LOGPROB_TOL and mism <= apc_mism
