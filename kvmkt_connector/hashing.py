@@ -14,11 +14,14 @@ little-endian uint32. A key commits to the whole prefix, so equal keys mean equa
 (128-bit, collision resistant), and a prefix match is a run of equal keys from block 0.
 
 A running hash gives key i+1 from key i's state in one block's worth of work, and
-``PrefixKeys`` keeps that state so a request's keys are extended, never recomputed.
+``PrefixKeys`` keeps that state so a request's keys are extended, never recomputed. Any
+single key costs one pass over its prefix's bytes in C, so ``KeyProbe`` answers the few keys
+a lookup asks for (a bisection) without the per-block Python steps of computing them all.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import sys
 from array import array
@@ -105,3 +108,47 @@ class PrefixKeys:
             append(copy().digest()[:KEY_BYTES])
         self._num_tokens = end
         return self.keys
+
+    def probe(self, token_ids: Sequence[int], first: int, end: int) -> KeyProbe:
+        """The keys of blocks ``first .. end - 1`` of ``token_ids``, computed on demand."""
+        return KeyProbe(self, token_ids, first, end)
+
+
+class KeyProbe:
+    """Keys of blocks ``[first, end)`` as a read-only sequence; each key is hashed on first
+    access from the nearest state hashed before it, so a bisection over n blocks hashes
+    about 2n blocks' bytes in C and runs O(log n) Python steps (the lookup of a 16k-token
+    prompt: ~0.1 ms instead of ~0.5-1.4 ms for all 1,024 keys). Keys ``PrefixKeys``
+    already holds are taken from it."""
+
+    __slots__ = ("_first", "_end", "_known", "_base", "_data", "_step", "_counts", "_states")
+
+    def __init__(self, prefix: PrefixKeys, token_ids: Sequence[int], first: int, end: int) -> None:
+        bs = prefix._block_size
+        self._first, self._end = first, max(first, min(end, len(token_ids) // bs))
+        self._known = prefix.keys
+        self._base = prefix.num_tokens // bs  # blocks already in prefix's running state
+        self._step = 4 * bs
+        self._data = memoryview(_token_bytes(token_ids[self._base * bs : self._end * bs]))
+        self._counts = [self._base]  # sorted block counts with a saved state
+        self._states = {self._base: prefix._hasher}
+
+    def __len__(self) -> int:
+        return self._end - self._first
+
+    def __getitem__(self, i: int) -> bytes:
+        n = self._end - self._first
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        block = self._first + i
+        if block < len(self._known):
+            return self._known[block]
+        at = self._counts[bisect.bisect_right(self._counts, block + 1) - 1]
+        hasher = self._states[at].copy()
+        hasher.update(self._data[(at - self._base) * self._step : (block + 1 - self._base) * self._step])
+        if block + 1 not in self._states:
+            bisect.insort(self._counts, block + 1)
+            self._states[block + 1] = hasher  # digest() leaves the state as it was
+        return hasher.digest()[:KEY_BYTES]

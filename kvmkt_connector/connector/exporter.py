@@ -122,7 +122,8 @@ class ExportLedger:
         self._index_of: dict[bytes, int] = {}  # key -> index
         # Token ids sent with a key's publish, for instances' KV events (see kv_events.py)
         self._tokens: dict[bytes, BlockTokens] = {}
-        self._staging: dict[int, tuple[list[bytes], list[int]]] = {}  # job -> keys, slots
+        # job -> keys, slots, parent keys
+        self._staging: dict[int, tuple[list[bytes], list[int], list[bytes]]] = {}
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
         self._pending_jobs: list[SaveJob] = []
         self._generation = channel.generation
@@ -132,8 +133,8 @@ class ExportLedger:
         self._next_job = 0
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)
-        # in place: (first step scheduled after the finish, keys, blocks, locations)
-        self._waiting: deque[tuple[int, list[bytes], list[int], list[int]]] = deque()
+        # in place: (first step scheduled after the finish, keys, blocks, locations, parents)
+        self._waiting: deque[tuple[int, list[bytes], list[int], list[int], list[bytes]]] = deque()
 
     # ------------------------------------------------------------ export
 
@@ -158,6 +159,7 @@ class ExportLedger:
         if not new:
             return
         new_keys = [all_keys[i] for i in new]
+        parents = [all_keys[i - 1] if i else b"" for i in new]  # importers lease by tail key
         blocks = [block_ids[i] for i in new]
         if describe:
             tokens = np.asarray(request.all_token_ids[: n * self._bs], dtype="<u4")
@@ -173,7 +175,7 @@ class ExportLedger:
             locations = encode_locations(idx, self._slot_generation[idx])
             job = SaveJob(self._next_job, blocks, slots, new_keys)
             self._next_job += 1
-            self._staging[job.job_id] = (new_keys, slots)
+            self._staging[job.job_id] = (new_keys, slots, parents)
             self._pending_jobs.append(job)
             self._remember(new_keys, slots, locations)  # published once the copy is done
         else:
@@ -181,7 +183,7 @@ class ExportLedger:
             self._withdraw([b for b in blocks if b in self._listed])  # held another key
             locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
-            self._waiting.append((self.step + 1, new_keys, blocks, locations))
+            self._waiting.append((self.step + 1, new_keys, blocks, locations, parents))
         self._update_gauges()
 
     def _make_room(self, wanted: int) -> int:
@@ -208,15 +210,16 @@ class ExportLedger:
     def _publish_settled(self) -> None:
         """Publish what waited for the steps in flight at its finish to end, unless it was
         rewritten or withdrawn meanwhile (then it is no longer listed as it was)."""
-        keys, locations = [], []
+        keys, locations, parents = [], [], []
         while self._waiting and self._waiting[0][0] <= self._acked:
-            _, ks, blocks, locs = self._waiting.popleft()
-            for k, b, loc in zip(ks, blocks, locs, strict=True):
+            _, ks, blocks, locs, ps = self._waiting.popleft()
+            for k, b, loc, p in zip(ks, blocks, locs, ps, strict=True):
                 if self._listed.get(b) == (k, loc):
                     keys.append(k)
                     locations.append(loc)
+                    parents.append(p)
         if keys:
-            self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys))
+            self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys), parents)
 
     def _take_tokens(self, keys: list[bytes]) -> list[BlockTokens]:
         return [t for t in (self._tokens.pop(k, None) for k in keys) if t is not None]
@@ -230,12 +233,13 @@ class ExportLedger:
             staged = self._staging.pop(job_id, None)
             if staged is None:
                 continue
-            keys, slots = staged
+            keys, slots, parents = staged
             if failed or job_id in self._cancelled:
                 self._forget(slots)
             else:
                 locations = [self._listed[s][1] for s in slots]
-                self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys))
+                self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys),
+                                      parents)
             self._cancelled.discard(job_id)
         self._update_gauges()
 
@@ -300,7 +304,7 @@ class ExportLedger:
         self._update_gauges()
 
     def _staging_slots(self) -> set[int]:
-        return {s for _, slots in self._staging.values() for s in slots}
+        return {s for _, slots, _ in self._staging.values() for s in slots}
 
     def _update_gauges(self) -> None:
         self._stats.gauge("exported_pages", len(self._listed))

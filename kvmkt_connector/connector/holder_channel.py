@@ -79,7 +79,8 @@ class HolderChannel:
         self.holder_id: int | None = None
         self.holder_bit: int | None = None
         self.connected = False
-        self._offered: dict[int, bytes] = {}  # location -> key (channel thread only)
+        # location -> (key, parent key) (channel thread only)
+        self._offered: dict[int, tuple[bytes, bytes]] = {}
         # key -> BlockTokens sent with its publish, sent again when publishing again (kept
         # for offered keys; stale ones are pruned when they outnumber those)
         self._tokens: dict[bytes, Any] = {}
@@ -98,11 +99,14 @@ class HolderChannel:
         self._reset_epoch, self._on_reset = epoch, on_reset
 
     def publish(
-        self, keys: list[bytes], locations: list[int], epoch: int = 0, tokens: list | None = None
-    ) -> None:
+        self, keys: list[bytes], locations: list[int], epoch: int = 0, tokens: list | None = None,
+        parents: list[bytes] | None = None,
+    ) -> None:  # fmt: skip
         """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped);
-        ``tokens``: ``BlockTokens`` of some of them (sent again when publishing again)."""
-        self._ops.put(("publish", keys, locations, epoch, tokens or []))
+        ``tokens``: ``BlockTokens`` of some of them (sent again when publishing again);
+        ``parents``: per key, the key before it (b"" for a first block)."""
+        self._ops.put(("publish", keys, locations, epoch, tokens or [],
+                       parents or [b""] * len(keys)))
 
     def reclaim(self, count: int) -> None:
         self._ops.put(("reclaim", count))
@@ -172,12 +176,12 @@ class HolderChannel:
 
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
-            _, keys, locations, epoch, tokens = op
+            _, keys, locations, epoch, tokens, parents = op
             if epoch != self._epoch:  # pages from before a cache reset
                 return
-            self._offered.update(zip(locations, keys, strict=True))
+            self._offered.update(zip(locations, zip(keys, parents, strict=True), strict=True))
             self._remember_tokens(tokens)
-            self._publish(client, keys, locations, tokens, count=True)
+            self._publish(client, keys, locations, tokens, parents, count=True)
         elif op[0] == "reclaim":
             self._emit("released", client.reclaim(op[1]))
         elif op[0] == "unpublish":
@@ -192,11 +196,11 @@ class HolderChannel:
                 logger.info("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)
 
     def _publish(self, client: RegistryClient, keys: list[bytes], locations: list[int],
-                 tokens: list, count: bool = False) -> None:
+                 tokens: list, parents: list[bytes], count: bool = False) -> None:
         """In chunks; each chunk's reply is applied before the next is sent, so a connection
         lost midway loses no released locations. ``count``: new exports (not a republish)."""
-        for msg in publish_chunks(keys, locations, tokens, self._chunk_bytes):
-            released = client.publish(msg.keys, msg.locations, msg.tokens)
+        for msg in publish_chunks(keys, locations, tokens, self._chunk_bytes, parents):
+            released = client.publish(msg.keys, msg.locations, msg.tokens, msg.parents)
             if count:
                 self._emit("published", msg.locations)
             self._emit("released", released)
@@ -227,7 +231,7 @@ class HolderChannel:
         if op is None:
             return
         if op[0] == "publish" and op[3] == self._epoch and not unknown:
-            self._offered.update(zip(op[2], op[1], strict=True))
+            self._offered.update(zip(op[2], zip(op[1], op[5], strict=True), strict=True))
             self._remember_tokens(op[4])
         elif op[0] == "unpublish":
             for loc in op[1]:
@@ -236,7 +240,7 @@ class HolderChannel:
     def _remember_tokens(self, tokens: list) -> None:
         self._tokens.update((t.key, t) for t in tokens)
         if len(self._tokens) > 2 * len(self._offered) + 1024:
-            offered = set(self._offered.values())
+            offered = {key for key, _ in self._offered.values()}
             self._tokens = {k: t for k, t in self._tokens.items() if k in offered}
 
     def _emit(self, kind: str, locations: list[int]) -> None:
@@ -277,9 +281,10 @@ class HolderChannel:
             self.generation += 1
             if self._offered:
                 locations = list(self._offered)
-                keys = [self._offered[loc] for loc in locations]
+                keys = [self._offered[loc][0] for loc in locations]
+                parents = [self._offered[loc][1] for loc in locations]
                 tokens = [t for t in map(self._tokens.get, keys) if t is not None]
-                self._publish(client, keys, locations, tokens)
+                self._publish(client, keys, locations, tokens, parents)
                 logger.info("kvmkt: published %d offered pages again", len(locations))
         except Exception as e:
             # A registry that answers but fails us would fail us again at once: back off.

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.metadata import LoadJob
 from kvmkt_connector.connector.registry_link import RegistryLink
-from kvmkt_connector.hashing import PrefixKeys
+from kvmkt_connector.hashing import KeyProbe, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.protocol import LeaseGranted
@@ -102,20 +102,16 @@ class ImportPlanner:
         if limit - start < self._min_blocks:
             return 0
         trace(logger, request.request_id, "lookup")
-        candidates = keys.extend(request.all_token_ids, upto=limit * bs)[start:limit]
-        trace(logger, request.request_id, "keyed")
+        probe = keys.probe(request.all_token_ids, start, limit)
         self._stats.count("lookups")
-        hint = self._link.hint(candidates)
+        hint = self._link.hint(probe)  # bisects: hashes only the keys it looks at
+        trace(logger, request.request_id, "keyed")
         if hint is None:  # no registry: counted as such, not as a miss
             return 0
         if hint < self._min_blocks:
             self._stats.count("fallback_miss")
             return 0
-        ttl_ms = int(self._cfg.lease_ttl_s * 1000)
-        own = self._link.own_holder_id
-        grant = self._link.call(
-            lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
-        )
+        grant = self._lease(probe, keys, request, namespace, start, hint)
         if grant is None:
             self._stats.count("fallback_miss")
             return 0
@@ -129,10 +125,35 @@ class ImportPlanner:
         self._stats.count("hits_full" if n == limit - start else "hits_partial")
         prev = self._requests.get(request.request_id)
         self._requests[request.request_id] = _RequestImport(
-            start, grant, candidates[:n], self._link.epoch, n,
+            start, grant, grant.keys[:n], self._link.epoch, n,
             imported_tokens=prev.imported_tokens if prev else 0,
         )
         return n * bs
+
+    def _lease(
+        self, probe: KeyProbe, keys: PrefixKeys, request: Request, namespace: bytes,
+        start: int, hint: int,
+    ) -> LeaseGranted | None:  # fmt: skip
+        """Lease ``probe[:hint]`` by its last key (the holder's parent links give the rest);
+        if that chain is not whole, lease the longest run of every key, as before."""
+        ttl_ms = int(self._cfg.lease_ttl_s * 1000)
+        own = self._link.own_holder_id
+        tail = probe[hint - 1]
+        grant = self._link.call(lambda c: c.lease_chain(namespace, tail, hint, ttl_ms, own))
+        if grant is not None:
+            mid = hint // 2  # the links are the exporter's word: check two keys of our own
+            if (len(grant.keys) == len(grant.locations) == hint and grant.keys[-1] == tail
+                    and grant.keys[0] == probe[0] and grant.keys[mid] == probe[mid]):
+                return grant
+            logger.warning("kvmkt: holder %d's parent links do not match the keys of request "
+                           "%s; leasing by every key instead", grant.holder_id,
+                           request.request_id)
+            self._link.call(lambda c: c.release_leases([grant.lease_id]))
+        limit = start + len(probe)
+        candidates = keys.extend(request.all_token_ids, upto=limit * self._block_size)[start:limit]
+        return self._link.call(
+            lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
+        )
 
     def _lease_fresh(self, state: _RequestImport) -> bool:
         """Leases only steer (pages are checked after the copy); re-lease an ageing one, or

@@ -34,6 +34,7 @@ from .protocol import (
     HolderInfo,
     HolderList,
     Lease,
+    LeaseChain,
     LeaseGranted,
     ListHolders,
     Lookup,
@@ -141,11 +142,13 @@ class RegistryClient:
         return accepted
 
     def publish(
-        self, keys: Sequence[bytes], locations: Sequence[int], tokens: Sequence[BlockTokens] = ()
-    ) -> list[int]:
-        """List entries (``tokens``: of some of them, for KV events); returns locations the
-        registry released (reusable now)."""
-        return self._call(Publish(list(keys), list(locations), list(tokens)), Published).released
+        self, keys: Sequence[bytes], locations: Sequence[int], tokens: Sequence[BlockTokens] = (),
+        parents: Sequence[bytes] = (),
+    ) -> list[int]:  # fmt: skip
+        """List entries (``tokens``: of some of them, for KV events; ``parents``: none or one
+        per key); returns locations the registry released (reusable now)."""
+        msg = Publish(list(keys), list(locations), list(tokens), list(parents))
+        return self._call(msg, Published).released
 
     def reclaim(self, count: int) -> list[int]:
         return self._call(Reclaim(count), Reclaimed).released
@@ -192,6 +195,14 @@ class RegistryClient:
     ) -> LeaseGranted | None:
         request = Lease(namespace, list(keys), ttl_ms, min_blocks, exclude_holder)
         reply = self._call(request, LeaseGranted, NoMatch)
+        return None if isinstance(reply, NoMatch) else reply
+
+    def lease_chain(
+        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int,
+        exclude_holder: int | None = None,
+    ) -> LeaseGranted | None:  # fmt: skip
+        reply = self._call(LeaseChain(namespace, tail, blocks, ttl_ms, exclude_holder),
+                           LeaseGranted, NoMatch)
         return None if isinstance(reply, NoMatch) else reply
 
     def release_leases(self, lease_ids: Sequence[int]) -> None:

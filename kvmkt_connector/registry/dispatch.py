@@ -21,6 +21,7 @@ from .protocol import (
     HolderAccepted,
     HolderList,
     Lease,
+    LeaseChain,
     ListHolders,
     Lookup,
     LookupResult,
@@ -71,7 +72,7 @@ class RequestDispatcher:
         self._started_at = time.monotonic()
         self._handlers: dict[type, Callable[[Session, Request], Reply]] = {
             Hello: self._on_hello, RegisterHolder: self._on_register, Publish: self._on_publish,
-            Lookup: self._on_lookup, Lease: self._on_lease, ReleaseLeases: self._on_release,
+            Lookup: self._on_lookup, Lease: self._on_lease, LeaseChain: self._on_lease_chain, ReleaseLeases: self._on_release,
             Reclaim: self._on_reclaim, Unpublish: self._on_unpublish, Sync: self._on_sync,
             ListHolders: self._on_list_holders, Offers: self._on_offers, Status: self._on_status,
         }  # fmt: skip
@@ -122,7 +123,7 @@ class RequestDispatcher:
     def _on_publish(self, session: Session, req: Publish) -> Reply:
         holder_id = self._holder_id(session)
         self.offers.check(req.tokens, req.keys)
-        accepted, released = self.registry.publish(holder_id, req.keys, req.locations)
+        accepted, released = self.registry.publish(holder_id, req.keys, req.locations, req.parents)
         if req.tokens:
             ns = self.registry.holder(holder_id).namespace
             self.offers.describe(ns, req.tokens, lambda key: self.registry.holder_bits(ns, key))
@@ -135,6 +136,13 @@ class RequestDispatcher:
     def _on_lease(self, session: Session, req: Lease) -> Reply:
         granted = self.registry.lease(
             req.namespace, req.keys, req.ttl_ms, req.min_blocks, _exclude(session, req),
+            owner=session.owner,
+        )  # fmt: skip
+        return NoMatch() if granted is None else granted
+
+    def _on_lease_chain(self, session: Session, req: LeaseChain) -> Reply:
+        granted = self.registry.lease_chain(
+            req.namespace, req.tail, req.blocks, req.ttl_ms, _exclude(session, req),
             owner=session.owner,
         )  # fmt: skip
         return NoMatch() if granted is None else granted
@@ -180,6 +188,6 @@ class RequestDispatcher:
         )
 
 
-def _exclude(session: Session, req: Lookup | Lease) -> int | None:
+def _exclude(session: Session, req: Lookup | Lease | LeaseChain) -> int | None:
     """The holder a lookup must skip: the one named in the request, else the caller's own."""
     return req.exclude_holder if req.exclude_holder is not None else session.holder_id

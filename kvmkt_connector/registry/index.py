@@ -137,22 +137,27 @@ class PrefixRegistry:
     # ------------------------------------------------------------ publishing
 
     def publish(
-        self, holder_id: int, keys: Sequence[bytes], locations: Sequence[int]
-    ) -> tuple[int, list[int]]:
-        """List ``keys[i]`` at ``locations[i]``; return (accepted, locations released now)."""
+        self, holder_id: int, keys: Sequence[bytes], locations: Sequence[int],
+        parents: Sequence[bytes] = (),
+    ) -> tuple[int, list[int]]:  # fmt: skip
+        """List ``keys[i]`` at ``locations[i]``; return (accepted, locations released now).
+        ``parents[i]``: the key before ``keys[i]`` in its prefix (see ``lease_chain``)."""
         holder = self.holder(holder_id)
         if len(keys) != len(locations):
             raise RequestRejected("bad_request", f"{len(keys)} keys but {len(locations)} locations")
         records.check_keys(keys)
+        records.check_parents(parents, keys)
         self._expire()
         hid = holder.holder_id
         batch: list[Entry] = []
-        for key, location in zip(keys, locations, strict=True):
+        for i, (key, location) in enumerate(zip(keys, locations, strict=True)):
             # Looked up afresh each time: unlisting may drop an emptied namespace's dict.
             ns_listing = self._listing.get(holder.namespace)
             holders_of_key = ns_listing.get(key) if ns_listing else None
             current = holders_of_key.get(hid) if holders_of_key else None
             if current is not None and current.location == location:
+                if parents:
+                    current.parent = parents[i]
                 self._lru.move_to_end(current)  # a re-publish counts as a use
                 holder.lru.move_to_end(current)
                 batch.append(current)
@@ -165,7 +170,7 @@ class PrefixRegistry:
             if current is not None:  # same key at a new location: the old one goes
                 self._withdraw(current)
             holder.released.pop(location, None)  # re-used before we told it: not released
-            entry = Entry(holder, key, location)
+            entry = Entry(holder, key, location, parents[i] if parents else b"")
             holder.by_location[location] = entry
             self._list(entry)
             batch.append(entry)
@@ -231,14 +236,49 @@ class PrefixRegistry:
         holder, run = self._best_run(namespace, keys, exclude_holder)
         if holder is None or run < min_blocks:
             return None
+        ns_listing = self._listing[namespace]
+        hid = holder.holder_id
+        return self._grant(holder, [ns_listing[key][hid] for key in keys[:run]], now, ttl_ms, owner)
+
+    def lease_chain(
+        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int,
+        exclude_holder: int | None = None, owner: int = 0,
+    ) -> LeaseGranted | None:  # fmt: skip
+        """Lease the ``blocks`` entries that end at ``tail``, found through the parents
+        their holder published (the importer then hashes its prompt once instead of once per
+        block). One holder must list the whole chain, else None: the caller asks ``lease``
+        with every key. A key commits to its whole prefix, so the parents of an entry listed
+        under the importer's tail key are the importer's own keys."""
+        check_lease_terms(ttl_ms, blocks)
+        records.check_keys([tail])
+        self.counters.lease_requests += 1
+        now = self._expire()
+        ns_listing = self._listing.get(namespace)
+        holders_of_tail = ns_listing.get(tail) if ns_listing else None
+        for hid in sorted(holders_of_tail or (), reverse=True):  # most recent holder first
+            entry = holders_of_tail[hid]
+            if hid == exclude_holder or blocks > entry.holder.listed:  # (a parent cycle
+                continue  # cannot make the walk longer than what the holder lists)
+            chain = [entry]
+            while len(chain) < blocks and entry.parent:
+                holders_of_key = ns_listing.get(entry.parent)
+                entry = holders_of_key.get(hid) if holders_of_key else None
+                if entry is None:
+                    break
+                chain.append(entry)
+            if len(chain) == blocks:
+                chain.reverse()
+                return self._grant(self._holders[hid], chain, now, ttl_ms, owner)
+        return None
+
+    def _grant(
+        self, holder: Holder, entries: list[Entry], now: int, ttl_ms: int, owner: int
+    ) -> LeaseGranted:
         try:
-            self._book.check(owner, run)
+            self._book.check(owner, len(entries))
         except RequestRejected:
             self.counters.leases_refused += 1
             raise
-        ns_listing = self._listing[namespace]
-        hid = holder.holder_id
-        entries = [ns_listing[key][hid] for key in keys[:run]]
         lru, holder_lru = self._lru, holder.lru
         for entry in entries:
             if entry.lease_count == 0:
@@ -249,14 +289,15 @@ class PrefixRegistry:
         lease = self._book.add(holder, entries, now + ttl_ms * 1_000_000, owner)
         holder.lease_ids.add(lease.lease_id)
         self.counters.leases_granted += 1
-        self.counters.blocks_leased += run
+        self.counters.blocks_leased += len(entries)
         return LeaseGranted(
             lease_id=lease.lease_id,
-            holder_id=hid,
+            holder_id=holder.holder_id,
             holder_name=holder.name,
             descriptor=holder.descriptor,
             locations=[entry.location for entry in entries],
             expires_at_ns=lease.expires_at_ns,
+            keys=[entry.key for entry in entries],
         )
 
     def release_leases(self, lease_ids: Sequence[int]) -> None:

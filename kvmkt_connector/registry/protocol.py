@@ -34,7 +34,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-PROTOCOL_VERSION = 3  # 2: Publish.tokens, Offers; 3: paged Offers snapshots (after)
+PROTOCOL_VERSION = 4  # 2: Publish.tokens, Offers; 3: paged Offers snapshots (after);
+# 4: Publish.parents, LeaseChain, LeaseGranted.keys
 MAX_FRAME_BYTES = 8 << 20
 FRAME_HEADER_BYTES = 4
 KEY_BYTES = 16
@@ -88,6 +89,8 @@ class Publish(_Msg, tag="publish"):
     keys: list[bytes]
     locations: list[int]
     tokens: list[BlockTokens] = []  # optional, for some of ``keys`` (see ``Offers``)
+    parents: list[bytes] = []  # empty, or per key the key before it (b"" for a first
+    # block): lets importers lease a run by its last key (``LeaseChain``)
 
 
 class Lookup(_Msg, tag="lookup"):
@@ -106,6 +109,18 @@ class Lease(_Msg, tag="lease"):
     keys: list[bytes]
     ttl_ms: int
     min_blocks: int = 1
+    exclude_holder: int | None = None  # as in Lookup
+
+
+class LeaseChain(_Msg, tag="lease_chain"):
+    """Lease the ``blocks`` entries ending at ``tail``, found by following the parents one
+    holder published; all of them or ``NoMatch``. The importer then hashes its prompt once
+    instead of once per block (``Lease`` needs every key)."""
+
+    namespace: bytes
+    tail: bytes
+    blocks: int
+    ttl_ms: int
     exclude_holder: int | None = None  # as in Lookup
 
 
@@ -156,6 +171,7 @@ Request = (
     | Publish
     | Lookup
     | Lease
+    | LeaseChain
     | ReleaseLeases
     | Reclaim
     | Unpublish
@@ -196,6 +212,7 @@ class LeaseGranted(_Msg, tag="lease_granted"):
     descriptor: bytes
     locations: list[int]  # one per leased key, in key order
     expires_at_ns: int  # time.monotonic_ns() deadline
+    keys: list[bytes] = []  # the leased keys, in order
 
 
 class NoMatch(_Msg, tag="no_match"):
@@ -314,29 +331,37 @@ _LOCATION_BYTES = 9  # msgpack int64
 
 def publish_chunks(
     keys: Sequence[bytes], locations: Sequence[int], tokens: Sequence[BlockTokens] = (),
-    max_bytes: int = PUBLISH_CHUNK_BYTES,
+    max_bytes: int = PUBLISH_CHUNK_BYTES, parents: Sequence[bytes] = (),
 ) -> list[Publish]:
-    """``Publish`` messages listing ``keys[i]`` at ``locations[i]``, in order, each encoding
-    to at most ``max_bytes`` (an upper bound per entry, not an encode per try); a block's
-    tokens travel with its key (the registry refuses tokens of keys not in the same
-    Publish), tokens of keys not listed are left out. One message if ``keys`` is empty."""
-    if len(keys) != len(locations):
-        raise ValueError(f"{len(keys)} keys but {len(locations)} locations")
+    """``Publish`` messages listing ``keys[i]`` at ``locations[i]`` (with ``parents[i]`` when
+    given), in order, each encoding to at most ``max_bytes`` (an upper bound per entry, not
+    an encode per try); a block's tokens travel with its key (the registry refuses tokens of
+    keys not in the same Publish), tokens of keys not listed are left out. One message if
+    ``keys`` is empty."""
+    if len(keys) != len(locations) or (parents and len(parents) != len(keys)):
+        raise ValueError(f"{len(keys)} keys, {len(locations)} locations, {len(parents)} parents")
     by_key = {t.key: t for t in tokens}
     out: list[Publish] = []
     start, size, chunk_tokens = 0, _MSG_OVERHEAD, []
+
+    def cut(end: int) -> Publish:
+        return Publish(list(keys[start:end]), list(locations[start:end]), chunk_tokens,
+                       list(parents[start:end]) if parents else [])
+
     for i, key in enumerate(keys):
         block = by_key.pop(key, None)
         cost = len(key) + 5 + _LOCATION_BYTES  # bin header + key, int
+        if parents:
+            cost += len(parents[i]) + 5
         if block is not None:  # array header + 3 bin headers and bodies
             cost += 16 + len(block.key) + len(block.parent) + len(block.tokens)
         if i > start and size + cost > max_bytes:
-            out.append(Publish(list(keys[start:i]), list(locations[start:i]), chunk_tokens))
+            out.append(cut(i))
             start, size, chunk_tokens = i, _MSG_OVERHEAD, []
         size += cost
         if block is not None:
             chunk_tokens.append(block)
-    out.append(Publish(list(keys[start:]), list(locations[start:]), chunk_tokens))
+    out.append(cut(len(keys)))
     return out
 
 

@@ -26,6 +26,15 @@ def check_keys(keys: Sequence[bytes]) -> None:
             raise RequestRejected("bad_request", f"keys must be {KEY_BYTES} bytes, got {len(key)}")
 
 
+def check_parents(parents: Sequence[bytes], keys: Sequence[bytes]) -> None:
+    """``parents`` is empty (none known) or one per key, each a key or b"" (none)."""
+    if parents and len(parents) != len(keys):
+        raise RequestRejected("bad_request", f"{len(keys)} keys but {len(parents)} parents")
+    for parent in parents:
+        if parent and len(parent) != KEY_BYTES:
+            raise RequestRejected("bad_request", f"parents must be {KEY_BYTES} bytes or empty")
+
+
 def check_namespace(namespace: bytes) -> None:
     if len(namespace) != NAMESPACE_BYTES:
         raise RequestRejected(
@@ -42,12 +51,13 @@ class KeyListener(Protocol):
 
 
 class Entry:
-    __slots__ = ("holder", "key", "location", "lease_count", "retiring", "dead")
+    __slots__ = ("holder", "key", "location", "parent", "lease_count", "retiring", "dead")
 
-    def __init__(self, holder: Holder, key: bytes, location: int) -> None:
+    def __init__(self, holder: Holder, key: bytes, location: int, parent: bytes = b"") -> None:
         self.holder = holder
         self.key = key
         self.location = location
+        self.parent = parent  # key of the block before it in the holder's prefix; b"": unknown
         self.lease_count = 0
         self.retiring = False  # withdrawn while leased: location released when leases end
         self.dead = False  # no longer the holder's (released, overwritten, holder gone)

@@ -1,5 +1,5 @@
 """``HolderChannel`` with more to publish than one frame holds: it publishes in chunks, a
-restarted registry gets every entry again (tokens included), and a registry that fails the
+restarted registry gets every entry again (tokens and parent links included), and a registry that fails the
 registration is retried with a growing pause, not in a tight loop."""
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ def listed(reg, keys: list[bytes]) -> int:
         return reader.lookup(NS, keys)[1]
 
 
+def chain_leased(reg, keys: list[bytes]) -> int:
+    """Blocks an importer leases by the last key alone (through the parent links)."""
+    with reg.connect("importer", timeout_s=10) as importer:
+        grant = importer.lease_chain(NS, keys[-1], len(keys), 1000)
+        return 0 if grant is None else len(grant.keys) * (grant.keys == keys)
+
+
 def described(reg) -> list[BlockTokens]:
     with reg.connect("reader") as reader:
         return [c.block for c in reader.offers(NS, max_changes=4096).changes]
@@ -51,17 +58,18 @@ def test_small_chunks_and_a_restarted_registry(start_registry, monkeypatch) -> N
     sent: list[int] = []  # encoded size of every Publish the channel sent
     real_publish = RegistryClient.publish
 
-    def spy(self, k, loc, t=()):
-        sent.append(len(encode_frame(Publish(list(k), list(loc), list(t)))))
-        return real_publish(self, k, loc, t)
+    def spy(self, k, loc, t=(), p=()):
+        sent.append(len(encode_frame(Publish(list(k), list(loc), list(t), list(p)))))
+        return real_publish(self, k, loc, t, p)
 
     monkeypatch.setattr(RegistryClient, "publish", spy)
     ch = channel(reg.socket_path, chunk)
     try:
         wait_until(lambda: ch.connected, 10)
-        ch.publish(keys, list(range(len(keys))), 0, tokens)
+        ch.publish(keys, list(range(len(keys))), 0, tokens, [b""] + keys[:-1])
         wait_until(lambda: listed(reg, keys) == len(keys), 10)
         assert described(reg) == tokens
+        assert chain_leased(reg, keys) == len(keys)
         assert len(sent) > 20 and max(sent) <= chunk
         sent.clear()
 
@@ -70,6 +78,7 @@ def test_small_chunks_and_a_restarted_registry(start_registry, monkeypatch) -> N
         wait_until(lambda: ch.connected and ch.generation == 2, 10)
         wait_until(lambda: listed(reg, keys) == len(keys), 10)
         assert described(reg) == tokens  # in order: parents before children
+        assert chain_leased(reg, keys) == len(keys)  # the links came back too
         assert len(sent) > 20 and max(sent) <= chunk
     finally:
         ch.close()

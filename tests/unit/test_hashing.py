@@ -1,6 +1,7 @@
 """Block keys: deterministic across processes and seeds, sensitive to everything that matters."""
 
 import os
+import random
 import subprocess
 import sys
 
@@ -82,3 +83,26 @@ def test_extend_upto_stops_at_a_block_boundary():
     prefix = BlockKeyer(NS, 16).start(KeyScope())
     assert len(prefix.extend(TOKENS, upto=50)) == 3
     assert len(prefix.extend(TOKENS)) == 40
+
+
+def test_a_key_probe_answers_any_block_as_the_key_list_does():
+    """``KeyProbe`` (what lookups bisect on) against the full key list: any order of access,
+    negative indices, a range past the prompt's full blocks, a prefix already partly hashed."""
+    keyer = BlockKeyer(NS, 16)
+    rng = random.Random(3)
+    for _ in range(60):
+        tokens = [rng.randrange(200_000) for _ in range(rng.randrange(1, 1500))]
+        every = keyer.keys(tokens, KeyScope("s"))
+        partial = keyer.start(KeyScope("s"))
+        partial.extend(tokens, upto=rng.randrange(len(tokens) + 1))
+        first = rng.randrange(len(every) + 1)
+        end = rng.randrange(first, len(every) + 3)
+        probe = partial.probe(tokens, first, end)
+        assert len(probe) == min(end, len(every)) - first
+        order = list(range(len(probe)))
+        rng.shuffle(order)
+        assert [probe[i] for i in order] == [every[first + i] for i in order]
+        if len(probe):
+            assert probe[-1] == every[first + len(probe) - 1]
+        with pytest.raises(IndexError):
+            probe[len(probe)]
