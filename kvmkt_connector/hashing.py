@@ -131,7 +131,7 @@ class KeyProbe:
         self._step = 4 * bs
         self._data = memoryview(_token_bytes(token_ids[self._base * bs : self._end * bs]))
         self._counts = [self._base]  # sorted block counts with a saved state
-        self._states = {self._base: prefix._hasher}
+        self._states = {self._base: prefix._hasher.copy()}  # (extend() updates the original)
 
     def __len__(self) -> int:
         return self._end - self._first
@@ -142,10 +142,16 @@ class KeyProbe:
             i += n
         if not 0 <= i < n:
             raise IndexError(i)
-        block = self._first + i
+        return self.block_key(self._first + i)
+
+    def block_key(self, block: int) -> bytes:
+        """The key of block ``block`` of the prompt (any block before ``end``)."""
+        if not 0 <= block < self._end:
+            raise IndexError(block)
         if block < len(self._known):
             return self._known[block]
-        at = self._counts[bisect.bisect_right(self._counts, block + 1) - 1]
+        at = self._counts[bisect.bisect_right(self._counts, block + 1) - 1]  # (>= _base:
+        # blocks before it are in _known)
         hasher = self._states[at].copy()
         hasher.update(self._data[(at - self._base) * self._step : (block + 1 - self._base) * self._step])
         if block + 1 not in self._states:

@@ -82,6 +82,9 @@ class ImportPlanner:
         self._inflight: dict[int, _Inflight] = {}  # by job id
         self._next_job = 0
         self.block_bytes = 0  # KV bytes of one block on all ranks (known after the handshake)
+        # Whether our workers check each copied page's key (staged slots): then a lease's keys
+        # must all be ours, not the holder's word (see _ours); set from the workers' transport.
+        self.verify_all_keys = True
 
     # ------------------------------------------------------------ lookup + lease
 
@@ -135,15 +138,16 @@ class ImportPlanner:
         start: int, hint: int,
     ) -> LeaseGranted | None:  # fmt: skip
         """Lease ``probe[:hint]`` by its last key (the holder's parent links give the rest);
-        if that chain is not whole, lease the longest run of every key, as before."""
+        if that chain is not whole or not ours, lease the longest run of every key."""
         ttl_ms = int(self._cfg.lease_ttl_s * 1000)
         own = self._link.own_holder_id
-        tail = probe[hint - 1]
-        grant = self._link.call(lambda c: c.lease_chain(namespace, tail, hint, ttl_ms, own))
+        tail, head_parent = probe[hint - 1], probe.block_key(start - 1) if start else b""
+        grant = self._link.call(
+            lambda c: c.lease_chain(namespace, tail, hint, ttl_ms, head_parent, own)
+        )
         if grant is not None:
-            mid = hint // 2  # the links are the exporter's word: check two keys of our own
-            if (len(grant.keys) == len(grant.locations) == hint and grant.keys[-1] == tail
-                    and grant.keys[0] == probe[0] and grant.keys[mid] == probe[mid]):
+            if (len(grant.keys) == len(grant.locations) == hint
+                    and self._ours(grant, probe, keys, request, start)):
                 return grant
             logger.warning("kvmkt: holder %d's parent links do not match the keys of request "
                            "%s; leasing by every key instead", grant.holder_id,
@@ -154,6 +158,19 @@ class ImportPlanner:
         return self._link.call(
             lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
         )
+
+    def _ours(self, grant: LeaseGranted, probe: KeyProbe, keys: PrefixKeys, request: Request,
+              start: int) -> bool:
+        """Whether a chain grant names our keys. An honest holder's links from our tail key
+        are our keys (a key commits to its prefix), and a holder is trusted as far as its key
+        -> page entries are. Copies that check each page's key (``verify_all_keys``: staged
+        slots) need every key to be ours, so they are all computed; in-place copies get nine
+        spot checks, which catch links mixed up anywhere but between two of them."""
+        n = len(grant.keys)
+        if self.verify_all_keys:
+            mine = keys.extend(request.all_token_ids, upto=(start + n) * self._block_size)
+            return grant.keys == mine[start : start + n]
+        return all(grant.keys[i] == probe[i] for i in {n - 1, *range(0, n, max(1, n // 8))})
 
     def _lease_fresh(self, state: _RequestImport) -> bool:
         """Leases only steer (pages are checked after the copy); re-lease an ageing one, or

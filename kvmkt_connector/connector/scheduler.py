@@ -194,6 +194,7 @@ class MarketplaceScheduler:
         logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
         ranks = [handshakes[r] for r in range(self._world)]
         self._transport = ranks[0].transport
+        self._planner.verify_all_keys = self._transport != "cuda_ipc"
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
             self._start_exporting(ranks)
         if self._kv_events_on and self._import:

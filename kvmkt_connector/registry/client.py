@@ -198,10 +198,10 @@ class RegistryClient:
         return None if isinstance(reply, NoMatch) else reply
 
     def lease_chain(
-        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int,
+        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int, head_parent: bytes = b"",
         exclude_holder: int | None = None,
     ) -> LeaseGranted | None:  # fmt: skip
-        reply = self._call(LeaseChain(namespace, tail, blocks, ttl_ms, exclude_holder),
+        reply = self._call(LeaseChain(namespace, tail, blocks, ttl_ms, head_parent, exclude_holder),
                            LeaseGranted, NoMatch)
         return None if isinstance(reply, NoMatch) else reply
 

@@ -142,8 +142,8 @@ class RequestDispatcher:
 
     def _on_lease_chain(self, session: Session, req: LeaseChain) -> Reply:
         granted = self.registry.lease_chain(
-            req.namespace, req.tail, req.blocks, req.ttl_ms, _exclude(session, req),
-            owner=session.owner,
+            req.namespace, req.tail, req.blocks, req.ttl_ms, req.head_parent,
+            _exclude(session, req), owner=session.owner,
         )  # fmt: skip
         return NoMatch() if granted is None else granted
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from . import records
-from .leases import LeaseBook, LeaseLimits, check_lease_terms
+from .leases import MAX_LEASE_RUN, LeaseBook, LeaseLimits, check_lease_terms
 from .protocol import MAX_HOLDERS, HolderInfo, LeaseGranted
 from .records import Entry, Holder, KeyListener, Lease, RegistryCounters, RequestRejected
 
@@ -233,7 +233,7 @@ class PrefixRegistry:
         check_lease_terms(ttl_ms, min_blocks)
         self.counters.lease_requests += 1
         now = self._expire()
-        holder, run = self._best_run(namespace, keys, exclude_holder)
+        holder, run = self._best_run(namespace, keys[:MAX_LEASE_RUN], exclude_holder)
         if holder is None or run < min_blocks:
             return None
         ns_listing = self._listing[namespace]
@@ -241,16 +241,20 @@ class PrefixRegistry:
         return self._grant(holder, [ns_listing[key][hid] for key in keys[:run]], now, ttl_ms, owner)
 
     def lease_chain(
-        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int,
+        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int, head_parent: bytes = b"",
         exclude_holder: int | None = None, owner: int = 0,
     ) -> LeaseGranted | None:  # fmt: skip
         """Lease the ``blocks`` entries that end at ``tail``, found through the parents
         their holder published (the importer then hashes its prompt once instead of once per
-        block). One holder must list the whole chain, else None: the caller asks ``lease``
-        with every key. A key commits to its whole prefix, so the parents of an entry listed
-        under the importer's tail key are the importer's own keys."""
+        block); the first of them must have ``head_parent`` as its parent. One holder must
+        list the whole chain, else None: the caller asks ``lease`` with every key. A key
+        commits to its whole prefix, so an honest holder's links from the importer's tail key
+        are the importer's own keys (the importer checks some of them)."""
         check_lease_terms(ttl_ms, blocks)
         records.check_keys([tail])
+        records.check_parents([head_parent], [tail])
+        if blocks > MAX_LEASE_RUN:
+            return None
         self.counters.lease_requests += 1
         now = self._expire()
         ns_listing = self._listing.get(namespace)
@@ -266,8 +270,8 @@ class PrefixRegistry:
                 if entry is None:
                     break
                 chain.append(entry)
-            if len(chain) == blocks:
-                chain.reverse()
+            if len(chain) == blocks and entry.parent == head_parent:  # (a cycle's walk ends
+                chain.reverse()  # at a block that is not the caller's first)
                 return self._grant(self._holders[hid], chain, now, ttl_ms, owner)
         return None
 

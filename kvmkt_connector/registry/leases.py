@@ -32,6 +32,9 @@ MAX_LEASED_BLOCKS_PER_CONNECTION = 1 << 20
 MAX_LEASES = 65_536
 MAX_LEASED_BLOCKS = 1 << 22
 MAX_LEASE_TTL_MS = 10 * 60 * 1000  # a lease pins another instance's pages: keep it bounded
+# Blocks of one lease (4M tokens at block size 16): its reply (~27 bytes a block: location
+# and key) must fit a frame, and a chain walk must stay short whatever links a holder sent.
+MAX_LEASE_RUN = 1 << 18
 
 
 def check_lease_terms(ttl_ms: int, min_blocks: int) -> None:

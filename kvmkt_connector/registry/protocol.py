@@ -121,6 +121,8 @@ class LeaseChain(_Msg, tag="lease_chain"):
     tail: bytes
     blocks: int
     ttl_ms: int
+    head_parent: bytes = b""  # the parent the first leased block must have (the caller's key
+    # of the block before the run; b"" when the run starts at block 0)
     exclude_holder: int | None = None  # as in Lookup
 
 

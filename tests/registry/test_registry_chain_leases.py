@@ -10,7 +10,11 @@ from types import SimpleNamespace
 import pytest
 from registry_helpers import namespace
 
+from kvmkt_connector.registry import index
+from kvmkt_connector.registry.framing import encode_frame
 from kvmkt_connector.registry.index import PrefixRegistry
+from kvmkt_connector.registry.leases import MAX_LEASE_RUN
+from kvmkt_connector.registry.protocol import LeaseGranted
 from kvmkt_connector.registry.records import RequestRejected
 
 NS = namespace("chains")
@@ -37,8 +41,10 @@ def test_a_whole_chain_is_leased_from_its_last_key() -> None:
     grant = reg.lease_chain(NS, keys[-1], 12, 1000)
     assert grant.keys == keys and grant.locations == [50 + i for i in range(12)]
     assert reg.active_leases == 1 and reg.holder(a).leased == 12
-    part = reg.lease_chain(NS, keys[9], 4, 1000)  # a run that starts past block 0
+    part = reg.lease_chain(NS, keys[9], 4, 1000, head_parent=keys[5])  # past block 0
     assert part.keys == keys[6:10]
+    assert reg.lease_chain(NS, keys[9], 4, 1000) is None  # it must start where asked
+    assert reg.lease_chain(NS, keys[9], 4, 1000, head_parent=keys[4]) is None
     assert reg.lease_chain(NS, keys[9], 11, 1000) is None  # block 9 has only 9 before it
     assert reg.lease_chain(NS, keys[-1], 12, 1000, exclude_holder=a) is None
     with pytest.raises(RequestRejected):
@@ -52,11 +58,11 @@ def test_a_broken_or_unlinked_chain_is_no_match() -> None:
     reg.publish(a, keys, list(range(8)), _parents(keys))
     reg.unpublish(a, [3])  # a block in the middle goes
     assert reg.lease_chain(NS, keys[-1], 8, 1000) is None
-    assert reg.lease_chain(NS, keys[-1], 4, 1000).keys == keys[4:]
+    assert reg.lease_chain(NS, keys[-1], 4, 1000, head_parent=keys[3]).keys == keys[4:]
     unlinked = _keys("u", 4)
     reg.publish(a, unlinked, list(range(10, 14)))  # published without parents
     assert reg.lease_chain(NS, unlinked[-1], 4, 1000) is None
-    assert reg.lease_chain(NS, unlinked[-1], 1, 1000).keys == unlinked[-1:]
+    assert reg.lease_chain(NS, unlinked[-1], 1, 1000).keys == unlinked[-1:]  # (parent b"")
     assert reg.lease(NS, unlinked, 1000).keys == unlinked  # by every key, as before
 
 
@@ -68,20 +74,40 @@ def test_the_chain_comes_from_one_holder_that_lists_all_of_it() -> None:
     reg.publish(b, keys[3:], list(range(3)), _parents(keys)[3:])  # b lacks the first half
     grant = reg.lease_chain(NS, keys[-1], 6, 1000)  # b is newer but broken: a answers
     assert grant.holder_id == a and grant.locations == list(range(6))
-    assert reg.lease_chain(NS, keys[-1], 3, 1000).holder_id == b  # newest holder first
+    assert reg.lease_chain(NS, keys[-1], 3, 1000, head_parent=keys[2]).holder_id == b  # newest
     assert reg.lease_chain(NS, keys[-1], 6, 1000, exclude_holder=a) is None
 
 
-def test_parent_cycles_cannot_make_a_walk_longer_than_the_listing() -> None:
-    """A holder can publish any links; a cycle must not make the registry walk (or lease)
-    more entries than that holder lists."""
-    reg = PrefixRegistry(1000)
+def test_parent_cycles_are_never_leased() -> None:
+    """A holder can publish any links. A walk is bounded by what the holder lists and by
+    MAX_LEASE_RUN, and a cycle never ends at the caller's head, so it is never leased."""
+    reg = PrefixRegistry(10_000)
     a = _holder(reg, "a")
+    filler = _keys("f", 5000)
+    reg.publish(a, filler, list(range(100, 5100)))
     x, y = _keys("c", 2)
     reg.publish(a, [x, y], [0, 1], [y, x])
     assert reg.lease_chain(NS, y, 10**9, 1000) is None  # answered at once
-    assert reg.lease_chain(NS, y, 3, 1000) is None
-    assert len(reg.lease_chain(NS, y, 2, 1000).keys) == 2
+    assert reg.lease_chain(NS, y, reg.holder(a).listed, 1000) is None  # walked, not leased
+    assert reg.lease_chain(NS, y, 2, 1000) is None
+    assert reg.lease_chain(NS, y, 2, 1000, head_parent=y) is not None  # (only if asked for)
+    assert reg.active_leases == 1
+
+
+def test_a_lease_reply_fits_a_frame(monkeypatch) -> None:
+    """A grant carries a location and a key per block: at MAX_LEASE_RUN blocks of the worst
+    sizes it still fits a frame, and a Lease of more keys leases at most that many."""
+    worst = LeaseGranted(2**62, 2**62, "h" * 256, b"d" * 4096, [2**63 - 1] * MAX_LEASE_RUN,
+                         2**63 - 1, [b"k" * 16] * MAX_LEASE_RUN)
+    encode_frame(worst)
+    monkeypatch.setattr(index, "MAX_LEASE_RUN", 5)
+    reg = PrefixRegistry(1000)
+    a = _holder(reg, "a")
+    keys = _keys("m", 9)
+    reg.publish(a, keys, list(range(9)), _parents(keys))
+    assert reg.lease(NS, keys, 1000).keys == keys[:5]
+    assert reg.lease_chain(NS, keys[4], 5, 1000) is not None
+    assert reg.lease_chain(NS, keys[5], 6, 1000) is None
 
 
 def test_a_republish_updates_the_links() -> None:
@@ -97,7 +123,7 @@ def test_a_republish_updates_the_links() -> None:
 # ---------------------------------------------------------------- the importer
 
 
-def _planner(registry, bs: int):
+def _planner(registry, bs: int, verify_all_keys: bool = True):
     from kvmkt_connector.config import MarketplaceConfig
     from kvmkt_connector.connector.importer import ImportPlanner
     from kvmkt_connector.connector.registry_link import RegistryLink
@@ -107,7 +133,9 @@ def _planner(registry, bs: int):
                             min_import_tokens=bs)  # fmt: skip
     stats = MarketplaceStats()
     link = RegistryLink(cfg, "importer", stats)
-    return ImportPlanner(cfg, bs, link, stats, usable=lambda _d, locations: len(locations)), link
+    planner = ImportPlanner(cfg, bs, link, stats, usable=lambda _d, locations: len(locations))
+    planner.verify_all_keys = verify_all_keys
+    return planner, link
 
 
 def _request(rid: str, tokens: list[int]) -> SimpleNamespace:
@@ -115,10 +143,12 @@ def _request(rid: str, tokens: list[int]) -> SimpleNamespace:
                            kv_transfer_params=None)  # fmt: skip
 
 
-def test_the_importer_leases_by_the_last_key_and_hashes_no_key_list(registry) -> None:
+@pytest.mark.parametrize("verify_all_keys", [False, True], ids=["in-place", "staged"])
+def test_the_importer_leases_by_the_last_key(registry, verify_all_keys) -> None:
     """A chat-shaped prompt: a published 40-block prefix, then a user turn nobody has. The
-    planner bisects to the prefix's end, leases it by its last key and never computes the
-    list of all keys (PrefixKeys stays empty)."""
+    planner bisects to the prefix's end and leases it by its last key. For in-place copies
+    it never computes the list of all keys (PrefixKeys stays empty); for staged ones, whose
+    workers check each page's key, it computes the leased keys to check the grant."""
     from kvmkt_connector.hashing import PrefixKeys
 
     bs, root = 4, b"chain-root"
@@ -127,11 +157,11 @@ def test_the_importer_leases_by_the_last_key_and_hashes_no_key_list(registry) ->
     holder = registry.connect("holder")
     holder.register_holder(NS, "holder", b"", b"d")
     holder.publish(keys, list(range(100, 140)), parents=_parents(keys))
-    planner, link = _planner(registry, bs)
+    planner, link = _planner(registry, bs, verify_all_keys)
     prompt = shared + list(range(7, 7 + 9 * bs + 1))
     mine = PrefixKeys(root, bs)
     assert planner.match(_request("r0", prompt), mine, NS, 0) == 40 * bs
-    assert mine.keys == []  # no key list was computed
+    assert mine.keys == (keys if verify_all_keys else [])
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 140))
     # A local prefix-cache hit on the first 10 blocks: the lease starts there.
@@ -141,10 +171,11 @@ def test_the_importer_leases_by_the_last_key_and_hashes_no_key_list(registry) ->
     holder.close()
 
 
-def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog) -> None:
+@pytest.mark.parametrize("verify_all_keys", [False, True], ids=["in-place", "staged"])
+def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog, verify_all_keys) -> None:
     """A holder whose last block links into another prefix: the walk is whole but names
-    other keys. The importer sees its own first key differ, leases by every key instead and
-    gets the true run."""
+    other keys. The importer sees its own keys differ, leases by every key instead and gets
+    the true run."""
     from kvmkt_connector.hashing import PrefixKeys
 
     bs, root = 4, b"liar-root"
@@ -157,7 +188,7 @@ def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog) ->
     lying = _parents(keys)
     lying[-1] = other[-1]  # the last block "follows" the other prefix
     holder.publish(keys, list(range(100, 116)), parents=lying)
-    planner, link = _planner(registry, bs)
+    planner, link = _planner(registry, bs, verify_all_keys)
     mine = PrefixKeys(root, bs)
     with caplog.at_level(logging.WARNING):
         assert planner.match(_request("r0", tokens + [1]), mine, NS, 0) == 16 * bs
@@ -166,5 +197,32 @@ def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog) ->
     assert state.keys == keys and state.lease.locations == list(range(100, 116))
     with registry.connect("watch") as watch:  # the lease on the wrong chain was given back
         assert watch.status().active_leases == 1
+    link.close()
+    holder.close()
+
+
+def test_staged_copies_trust_no_link_they_did_not_check(registry, caplog) -> None:
+    """Links that lie at block 2 only (K2 "follows" O1, which "follows" K0): the chain is
+    whole and its first, middle and last keys are right. Staged copies check each page
+    against the plan's keys, so the plan must hold our own keys: the importer computes them,
+    sees the lie and leases by every key. (Found by review: the plan held the holder's.)"""
+    from kvmkt_connector.hashing import PrefixKeys
+
+    bs, root = 4, b"liar-root"
+    tokens = list(range(5000, 5000 + 16 * bs))
+    keys = PrefixKeys(root, bs).extend(tokens)
+    other = PrefixKeys(root, bs).extend(list(range(9000, 9000 + 2 * bs)))
+    holder = registry.connect("holder")
+    holder.register_holder(NS, "liar", b"", b"d")
+    holder.publish([other[1]], [200], parents=[keys[0]])
+    lying = _parents(keys)
+    lying[2] = other[1]
+    holder.publish(keys, list(range(100, 116)), parents=lying)
+    planner, link = _planner(registry, bs, verify_all_keys=True)
+    with caplog.at_level(logging.WARNING):
+        assert planner.match(_request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
+    assert "parent links do not match" in caplog.text
+    state = planner._requests["r0"]
+    assert state.keys == keys and state.lease.locations == list(range(100, 116))
     link.close()
     holder.close()

@@ -106,3 +106,15 @@ def test_a_key_probe_answers_any_block_as_the_key_list_does():
             assert probe[-1] == every[first + len(probe) - 1]
         with pytest.raises(IndexError):
             probe[len(probe)]
+
+
+def test_a_key_probe_outlives_an_extend_of_its_prefix():
+    """PrefixKeys.extend updates its running state in place; a probe made before must keep
+    its own copy (found by review: it shared the state and then hashed from the wrong one)."""
+    keyer = BlockKeyer(NS, 4)
+    tokens = list(range(100))
+    every = keyer.keys(tokens)
+    prefix = keyer.start(KeyScope())
+    probe = prefix.probe(tokens, 0, 25)
+    prefix.extend(tokens, upto=8)
+    assert probe[10] == every[10] and probe.block_key(24) == every[24]
