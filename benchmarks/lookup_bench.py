@@ -1,0 +1,81 @@
+"""What an import's lookup costs the importer's scheduler: ImportPlanner.match against a live
+registry, by prefix length, leasing by the last key (holders publish parent links) against
+leasing by every key (a holder that publishes no links: the planner then computes every key).
+
+    python benchmarks/lookup_bench.py
+
+One registry process, one holder connection publishing a prefix, the importer's
+RegistryLink + ImportPlanner in this process (in-place copies: ``verify_all_keys`` off, as
+with cuda_ipc). Each request is the published prefix plus a fresh user turn; median of 60
+``match`` calls (bisect the shared-memory table, lease, release). Table last.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "registry")]
+
+from registry_helpers import RegistryProcess  # noqa: E402
+
+from kvmkt_connector.config import MarketplaceConfig  # noqa: E402
+from kvmkt_connector.connector.importer import ImportPlanner  # noqa: E402
+from kvmkt_connector.connector.registry_link import RegistryLink  # noqa: E402
+from kvmkt_connector.hashing import PrefixKeys  # noqa: E402
+from kvmkt_connector.metrics import MarketplaceStats  # noqa: E402
+
+BS, NS, ROOT_KEY = 16, b"n" * 16, b"bench-root"
+
+
+def median_match_ms(reg: RegistryProcess, blocks: int, linked: bool, turn: int, rng) -> float:
+    shared = [rng.randrange(128_000) for _ in range(blocks * BS)]
+    keys = PrefixKeys(ROOT_KEY, BS).extend(shared)
+    holder = reg.connect("holder")
+    holder.register_holder(NS, f"h{blocks}{linked}", b"", b"d")
+    holder.publish(keys, list(range(len(keys))), parents=[b""] + keys[:-1] if linked else ())
+    cfg = MarketplaceConfig(registry_socket=reg.socket_path, registry_autostart=False,
+                            min_import_tokens=BS)  # fmt: skip
+    stats = MarketplaceStats()
+    link = RegistryLink(cfg, "importer", stats)
+    planner = ImportPlanner(cfg, BS, link, stats, usable=lambda _d, locations: len(locations))
+    planner.verify_all_keys = False
+    times = []
+    for i in range(60):
+        tokens = shared + [rng.randrange(128_000) for _ in range(turn)]
+        req = SimpleNamespace(request_id=f"r{i}", num_tokens=len(tokens), all_token_ids=tokens,
+                              kv_transfer_params=None)  # fmt: skip
+        t0 = time.perf_counter()
+        got = planner.match(req, PrefixKeys(ROOT_KEY, BS), NS, 0)
+        times.append(time.perf_counter() - t0)
+        assert got == blocks * BS, (got, blocks)
+        planner.on_request_finished(req.request_id)
+    link.close()
+    holder.close()
+    return statistics.median(times) * 1e3
+
+
+def main() -> int:
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory(dir="/tmp") as work:
+        reg = RegistryProcess(os.path.join(work, "r.sock"), "--capacity", "200000")
+        try:
+            rows = [(b, t, median_match_ms(reg, b, True, t, rng), median_match_ms(reg, b, False, t, rng))
+                    for b, t in ((128, 100), (512, 100), (1024, 30), (1875, 30))]
+        finally:
+            reg.stop()
+    print("\n== ImportPlanner.match, median ms (bisect + lease + bookkeeping) ==")
+    print(f"{'tokens':>7} {'blocks':>6} {'by last key':>12} {'by every key':>13} {'x':>6}")
+    for blocks, _turn, chain_ms, every_ms in rows:
+        print(f"{blocks * BS:7d} {blocks:6d} {chain_ms:12.3f} {every_ms:13.3f} {every_ms / chain_ms:6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
