@@ -47,6 +47,7 @@ from kvmkt_connector.transport.generations import (
     GenerationTable,
     decode_locations,
     encode_locations,
+    next_generations,
 )
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ class ExportLedger:
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
-            self._slot_generation[idx] += 1
+            self._slot_generation[idx] = next_generations(self._slot_generation[idx])
             locations = encode_locations(idx, self._slot_generation[idx])
             job = SaveJob(self._next_job, blocks, slots, new_keys)
             self._next_job += 1

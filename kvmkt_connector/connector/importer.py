@@ -26,6 +26,7 @@ from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import KeyProbe, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.leases import MAX_LEASE_RUN
 from kvmkt_connector.registry.protocol import LeaseGranted
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class ImportPlanner:
         """Tokens beyond ``num_local_tokens`` we will load; holds a lease on them."""
         bs = self._block_size
         start, limit = num_local_tokens // bs, (request.num_tokens - 1) // bs
+        limit = min(limit, start + MAX_LEASE_RUN)  # the most one lease covers
         state = self._requests.get(request.request_id)
         if state is not None:
             if state.failed or state.job_id is not None:
@@ -119,7 +121,12 @@ class ImportPlanner:
             self._stats.count("fallback_miss")
             return 0
         trace(logger, request.request_id, "granted")
-        n = self._usable(grant.descriptor, grant.locations)
+        try:
+            n = self._usable(grant.descriptor, grant.locations)
+        except Exception as e:  # whatever a holder published: never into vLLM's scheduler
+            logger.warning("kvmkt: holder %d's pages cannot be checked (%s); prefilling",
+                           grant.holder_id, e)
+            n = 0
         if n is None or n < self._min_blocks:  # another transport, or rewritten pages
             self._link.call(lambda c: c.release_leases([grant.lease_id]))
             self._stats.count("fallback_incompatible" if n is None else "fallback_miss")
@@ -164,8 +171,9 @@ class ImportPlanner:
         """Whether a chain grant names our keys. An honest holder's links from our tail key
         are our keys (a key commits to its prefix), and a holder is trusted as far as its key
         -> page entries are. Copies that check each page's key (``verify_all_keys``: staged
-        slots) need every key to be ours, so they are all computed; in-place copies get nine
-        spot checks, which catch links mixed up anywhere but between two of them."""
+        slots) need every key to be ours, so they are all computed; in-place copies get spot
+        checks (every block below 16, else 9 to 12 of them), which catch links mixed up
+        anywhere but between two of them."""
         n = len(grant.keys)
         if self.verify_all_keys:
             mine = keys.extend(request.all_token_ids, upto=(start + n) * self._block_size)

@@ -83,8 +83,8 @@ class LoadRunner:
     # ------------------------------------------------------------ issue
 
     def submit(self, job: LoadJob) -> None:
-        load = _Load(job, time.perf_counter(), src=np.asarray(job.src, dtype=np.int64))
         try:
+            load = _Load(job, time.perf_counter(), src=np.asarray(job.src, dtype=np.int64))
             load.holder = self._holder(job.descriptor)
             self._precheck(load)
         except Exception as e:

@@ -146,6 +146,7 @@ class PrefixRegistry:
         if len(keys) != len(locations):
             raise RequestRejected("bad_request", f"{len(keys)} keys but {len(locations)} locations")
         records.check_keys(keys)
+        records.check_locations(locations)
         records.check_parents(parents, keys)
         self._expire()
         hid = holder.holder_id

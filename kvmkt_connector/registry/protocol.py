@@ -34,8 +34,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-PROTOCOL_VERSION = 4  # 2: Publish.tokens, Offers; 3: paged Offers snapshots (after);
-# 4: Publish.parents, LeaseChain, LeaseGranted.keys
+PROTOCOL_VERSION = 5  # 2: Publish.tokens, Offers; 3: paged Offers snapshots (after);
+# 4: Publish.parents, LeaseChain, LeaseGranted.keys; 5: LeaseChain.head_parent
 MAX_FRAME_BYTES = 8 << 20
 FRAME_HEADER_BYTES = 4
 KEY_BYTES = 16

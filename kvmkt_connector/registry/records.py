@@ -26,6 +26,12 @@ def check_keys(keys: Sequence[bytes]) -> None:
             raise RequestRejected("bad_request", f"keys must be {KEY_BYTES} bytes, got {len(key)}")
 
 
+def check_locations(locations: Sequence[int]) -> None:
+    """Locations are opaque to the registry, but importers decode them as int64."""
+    if locations and (min(locations) < 0 or max(locations) >= 1 << 63):
+        raise RequestRejected("bad_request", "locations must be in 0 .. 2^63-1")
+
+
 def check_parents(parents: Sequence[bytes], keys: Sequence[bytes]) -> None:
     """``parents`` is empty (none known) or one per key, each a key or b"" (none)."""
     if parents and len(parents) != len(keys):

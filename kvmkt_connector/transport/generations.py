@@ -44,6 +44,11 @@ def encode_locations(blocks: np.ndarray, generations: np.ndarray) -> list[int]:
     return ((generations.astype(np.int64) << BLOCK_BITS) | blocks.astype(np.int64)).tolist()
 
 
+def next_generations(generations: np.ndarray) -> np.ndarray:
+    """Generations after one more rewrite (31 bits: locations stay positive int64)."""
+    return (generations + 1) & _GEN_MASK
+
+
 def decode_locations(locations: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(block ids, generations) of published locations."""
     loc = np.asarray(locations, dtype=np.int64)
@@ -100,10 +105,10 @@ class GenerationTable:
         """Blocks about to be rewritten: no location published before stays valid."""
         if len(block_ids):
             idx = np.unique(np.asarray(block_ids, dtype=np.int64))
-            self.generations[idx] = (self.generations[idx] + 1) & _GEN_MASK
+            self.generations[idx] = next_generations(self.generations[idx])
 
     def bump_all(self) -> None:
-        self.generations[:] = (self.generations + 1) & _GEN_MASK
+        self.generations[:] = next_generations(self.generations)
 
     def locations(self, block_ids: list[int]) -> list[int]:
         blocks = np.asarray(block_ids, dtype=np.int64)
