@@ -28,8 +28,8 @@ def check_keys(keys: Sequence[bytes]) -> None:
 
 def check_locations(locations: Sequence[int]) -> None:
     """Locations are opaque to the registry, but importers decode them as int64."""
-    if locations and (min(locations) < 0 or max(locations) >= 1 << 63):
-        raise RequestRejected("bad_request", "locations must be in 0 .. 2^63-1")
+    if locations and (min(locations) < -(1 << 63) or max(locations) >= 1 << 63):
+        raise RequestRejected("bad_request", "locations must be int64")
 
 
 def check_parents(parents: Sequence[bytes], keys: Sequence[bytes]) -> None:

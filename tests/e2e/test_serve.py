@@ -53,6 +53,12 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
+def _kvmkt_lines(workdir: str) -> str:
+    """The server's connector log lines: why it imported nothing, when it did not."""
+    with open(os.path.join(workdir, "serve.log"), errors="replace") as f:
+        return "".join(line for line in f if "kvmkt" in line)[-4000:]
+
+
 @pytest.fixture(scope="module")
 def server(cluster, tiny_model_dir):
     exporter = cluster.start("A", tiny_model_dir,
@@ -107,7 +113,7 @@ def test_serve_imports_by_name_and_metrics_show_it(server, cluster, tiny_model_d
                                    options=[{"skip_reading_prefix_cache": True}])
         got = out["choices"][0]["text"].split()
         assert got == [word(t) for t in ref.token_ids], (got, ref.token_ids)
-    assert imported == [(len(p) // BS) * BS for p in prefixes]
+    assert imported == [(len(p) // BS) * BS for p in prefixes], _kvmkt_lines(cluster.workdir)
     deadline = time.monotonic() + 30
     while True:  # the front end folds engine stats in at its own pace
         after = _get(base + "/metrics")
