@@ -23,13 +23,9 @@ from types import SimpleNamespace
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "registry")]
 
-from registry_helpers import RegistryProcess  # noqa: E402
+from registry_helpers import RegistryProcess, import_planner  # noqa: E402
 
-from kvmkt_connector.config import MarketplaceConfig  # noqa: E402
-from kvmkt_connector.connector.importer import ImportPlanner  # noqa: E402
-from kvmkt_connector.connector.registry_link import RegistryLink  # noqa: E402
 from kvmkt_connector.hashing import PrefixKeys  # noqa: E402
-from kvmkt_connector.metrics import MarketplaceStats  # noqa: E402
 
 BS, NS, ROOT_KEY = 16, b"n" * 16, b"bench-root"
 
@@ -40,12 +36,7 @@ def median_match_ms(reg: RegistryProcess, blocks: int, linked: bool, turn: int, 
     holder = reg.connect("holder")
     holder.register_holder(NS, f"h{blocks}{linked}", b"", b"d")
     holder.publish(keys, list(range(len(keys))), parents=[b""] + keys[:-1] if linked else ())
-    cfg = MarketplaceConfig(registry_socket=reg.socket_path, registry_autostart=False,
-                            min_import_tokens=BS)  # fmt: skip
-    stats = MarketplaceStats()
-    link = RegistryLink(cfg, "importer", stats)
-    planner = ImportPlanner(cfg, BS, link, stats, usable=lambda _d, locations: len(locations))
-    planner.verify_all_keys = False
+    planner, link = import_planner(reg.socket_path, BS, verify_all_keys=False)
     times = []
     for i in range(60):
         tokens = shared + [rng.randrange(128_000) for _ in range(turn)]

@@ -120,3 +120,22 @@ class HolderProcess:
         if self.child_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child_pid, signal.SIGKILL)
+
+
+def import_planner(socket_path: str, block_size: int, verify_all_keys: bool = True, usable=None):
+    """(ImportPlanner, its RegistryLink) against the registry at ``socket_path``, as the
+    connector's scheduler makes them; ``usable`` stands in for the page check (default: every
+    leased page is still the published one)."""
+    from kvmkt_connector.config import MarketplaceConfig
+    from kvmkt_connector.connector.importer import ImportPlanner
+    from kvmkt_connector.connector.registry_link import RegistryLink
+    from kvmkt_connector.metrics import MarketplaceStats
+
+    cfg = MarketplaceConfig(registry_socket=socket_path, registry_autostart=False,
+                            min_import_tokens=block_size)  # fmt: skip
+    stats = MarketplaceStats()
+    link = RegistryLink(cfg, "importer", stats)
+    planner = ImportPlanner(cfg, block_size, link, stats,
+                            usable=usable or (lambda _d, locations: len(locations)))
+    planner.verify_all_keys = verify_all_keys
+    return planner, link

@@ -10,7 +10,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import namespace
+from registry_helpers import import_planner, namespace
 
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.hashing import PrefixKeys
@@ -32,18 +32,7 @@ def _request(rid, tokens):
 
 
 def _live_planner(registry, bs, verify_all_keys, usable=None):
-    from kvmkt_connector.config import MarketplaceConfig
-    from kvmkt_connector.connector.registry_link import RegistryLink
-    from kvmkt_connector.metrics import MarketplaceStats
-
-    cfg = MarketplaceConfig(registry_socket=registry.socket_path, registry_autostart=False,
-                            min_import_tokens=bs)
-    stats = MarketplaceStats()
-    link = RegistryLink(cfg, "importer", stats)
-    planner = ImportPlanner(cfg, bs, link, stats,
-                            usable=usable or (lambda _d, locations: len(locations)))
-    planner.verify_all_keys = verify_all_keys
-    return planner, link
+    return import_planner(registry.socket_path, bs, verify_all_keys, usable)
 
 
 # ------------------------------------------------------------------ sound: KeyProbe

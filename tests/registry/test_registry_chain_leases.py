@@ -8,7 +8,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import namespace
+from registry_helpers import import_planner, namespace
 
 from kvmkt_connector.registry import index
 from kvmkt_connector.registry.framing import encode_frame
@@ -124,18 +124,7 @@ def test_a_republish_updates_the_links() -> None:
 
 
 def _planner(registry, bs: int, verify_all_keys: bool = True):
-    from kvmkt_connector.config import MarketplaceConfig
-    from kvmkt_connector.connector.importer import ImportPlanner
-    from kvmkt_connector.connector.registry_link import RegistryLink
-    from kvmkt_connector.metrics import MarketplaceStats
-
-    cfg = MarketplaceConfig(registry_socket=registry.socket_path, registry_autostart=False,
-                            min_import_tokens=bs)  # fmt: skip
-    stats = MarketplaceStats()
-    link = RegistryLink(cfg, "importer", stats)
-    planner = ImportPlanner(cfg, bs, link, stats, usable=lambda _d, locations: len(locations))
-    planner.verify_all_keys = verify_all_keys
-    return planner, link
+    return import_planner(registry.socket_path, bs, verify_all_keys)
 
 
 def _request(rid: str, tokens: list[int]) -> SimpleNamespace:
@@ -171,11 +160,11 @@ def test_the_importer_leases_by_the_last_key(registry, verify_all_keys) -> None:
     holder.close()
 
 
-@pytest.mark.parametrize("verify_all_keys", [False, True], ids=["in-place", "staged"])
-def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog, verify_all_keys) -> None:
-    """A holder whose last block links into another prefix: the walk is whole but names
-    other keys. The importer sees its own keys differ, leases by every key instead and gets
-    the true run."""
+def _lied_to(registry, caplog, verify_all_keys: bool, lie) -> None:
+    """A holder publishes a 16-block prompt with the links ``lie(holder, keys, other)``
+    returns (``other``: keys of another prefix, which ``lie`` may publish too); the importer
+    must see the lie, lease by every key instead, get the true run and give the wrong
+    chain's lease back."""
     from kvmkt_connector.hashing import PrefixKeys
 
     bs, root = 4, b"liar-root"
@@ -184,45 +173,41 @@ def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog, ve
     other = PrefixKeys(root, bs).extend(list(range(9000, 9000 + 15 * bs)))
     holder = registry.connect("holder")
     holder.register_holder(NS, "liar", b"", b"d")
-    holder.publish(other, list(range(15)), parents=_parents(other))
-    lying = _parents(keys)
-    lying[-1] = other[-1]  # the last block "follows" the other prefix
-    holder.publish(keys, list(range(100, 116)), parents=lying)
+    holder.publish(keys, list(range(100, 116)), parents=lie(holder, keys, other))
     planner, link = _planner(registry, bs, verify_all_keys)
-    mine = PrefixKeys(root, bs)
-    with caplog.at_level(logging.WARNING):
-        assert planner.match(_request("r0", tokens + [1]), mine, NS, 0) == 16 * bs
-    assert "parent links do not match" in caplog.text
-    state = planner._requests["r0"]
-    assert state.keys == keys and state.lease.locations == list(range(100, 116))
-    with registry.connect("watch") as watch:  # the lease on the wrong chain was given back
-        assert watch.status().active_leases == 1
-    link.close()
-    holder.close()
-
-
-def test_staged_copies_trust_no_link_they_did_not_check(registry, caplog) -> None:
-    """Links that lie at block 2 only (K2 "follows" O1, which "follows" K0): the chain is
-    whole and its first, middle and last keys are right. Staged copies check each page
-    against the plan's keys, so the plan must hold our own keys: the importer computes them,
-    sees the lie and leases by every key. (Found by review: the plan held the holder's.)"""
-    from kvmkt_connector.hashing import PrefixKeys
-
-    bs, root = 4, b"liar-root"
-    tokens = list(range(5000, 5000 + 16 * bs))
-    keys = PrefixKeys(root, bs).extend(tokens)
-    other = PrefixKeys(root, bs).extend(list(range(9000, 9000 + 2 * bs)))
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "liar", b"", b"d")
-    holder.publish([other[1]], [200], parents=[keys[0]])
-    lying = _parents(keys)
-    lying[2] = other[1]
-    holder.publish(keys, list(range(100, 116)), parents=lying)
-    planner, link = _planner(registry, bs, verify_all_keys=True)
     with caplog.at_level(logging.WARNING):
         assert planner.match(_request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
     assert "parent links do not match" in caplog.text
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 116))
+    with registry.connect("watch") as watch:
+        assert watch.status().active_leases == 1
     link.close()
     holder.close()
+
+
+@pytest.mark.parametrize("verify_all_keys", [False, True], ids=["in-place", "staged"])
+def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog, verify_all_keys) -> None:
+    """The last block links into another prefix: the walk is whole but names other keys
+    (the first of them not ours), for in-place and staged importers alike."""
+
+    def lie(holder, keys, other):
+        holder.publish(other, list(range(200, 215)), parents=_parents(other))
+        return _parents(keys)[:-1] + [other[-1]]
+
+    _lied_to(registry, caplog, verify_all_keys, lie)
+
+
+def test_staged_copies_trust_no_link_they_did_not_check(registry, caplog) -> None:
+    """Links that lie at block 2 only (K2 "follows" O1, which "follows" K0): the chain is
+    whole and the spot-checked keys are right. Staged copies check each page against the
+    plan's keys, so the plan must hold our own keys: the importer computes them, sees the
+    lie and leases by every key. (Found by review: the plan held the holder's.)"""
+
+    def lie(holder, keys, other):
+        holder.publish([other[1]], [200], parents=[keys[0]])
+        parents = _parents(keys)
+        parents[2] = other[1]
+        return parents
+
+    _lied_to(registry, caplog, True, lie)
