@@ -8,7 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import chain, namespace, wait_until
+from registry_helpers import chain, import_planner, namespace, wait_until
 
 from kvmkt_connector.registry.client import RegistryError
 from kvmkt_connector.registry.index import PrefixRegistry
@@ -134,11 +134,7 @@ def test_a_lease_flood_is_refused_and_ends_with_its_connection(start_registry) -
 def test_the_importer_takes_a_lease_refusal_as_a_miss(registry) -> None:
     """ImportPlanner + RegistryLink against a live registry: at the lease bound a lookup
     falls back to prefill, counted as a miss (not as an outage), on the same connection."""
-    from kvmkt_connector.config import MarketplaceConfig
-    from kvmkt_connector.connector.importer import ImportPlanner
-    from kvmkt_connector.connector.registry_link import RegistryLink
     from kvmkt_connector.hashing import PrefixKeys
-    from kvmkt_connector.metrics import MarketplaceStats
 
     bs, root = 4, b"importer-root"
     tokens = list(range(100, 100 + 16 * bs))
@@ -146,11 +142,8 @@ def test_the_importer_takes_a_lease_refusal_as_a_miss(registry) -> None:
     holder = registry.connect("holder")
     holder.register_holder(NS, "holder", b"", b"d")
     holder.publish(keys, list(range(len(keys))))
-    cfg = MarketplaceConfig(registry_socket=registry.socket_path, registry_autostart=False,
-                            min_import_tokens=bs)  # fmt: skip
-    stats = MarketplaceStats()
-    link = RegistryLink(cfg, "importer", stats)
-    planner = ImportPlanner(cfg, bs, link, stats, usable=lambda _desc, locations: len(locations))
+    planner, link = import_planner(registry.socket_path, bs)
+    stats = planner._stats
 
     def request(rid: str) -> SimpleNamespace:
         return SimpleNamespace(request_id=rid, num_tokens=len(tokens) + 1,
