@@ -68,7 +68,7 @@ def test_probe_block_key_matches_the_key_list(seed):
 @pytest.mark.parametrize("n", [1, 2, 3, 8, 9, 10, 15, 16, 17, 23, 64, 100, 1000])
 def test_spot_check_positions(n):
     """In-place: which grant positions _ours compares. Always 0 and n-1; every position
-    while n < 16; 9..12 positions past that (README says 'nine')."""
+    while n < 16; 9..12 positions past that (as the README says)."""
     planner = ImportPlanner.__new__(ImportPlanner)
     planner.verify_all_keys = False
     mine = [i.to_bytes(16, "big") for i in range(n)]
