@@ -344,6 +344,10 @@ class RegistryServer:
         """Leave only while no auto-starter holds the lock and nobody waits in the backlog."""
         try:
             lock_fd = os.open(paths.lock_path(self.socket_path), os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # our socket's directory went (a cleaned /tmp): no client
+            log.info("socket directory gone and no client for %.1f s: exiting", self.idle_exit_s)
+            self.close()  # can reach us any more; the lookup table must not outlive us
+            return True
         except OSError:
             return False
         try:

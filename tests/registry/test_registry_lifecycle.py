@@ -182,6 +182,27 @@ def test_idle_exit_waits_for_clients_and_autostart_replaces_a_stale_socket(socke
     wait_until(lambda: not pid_alive(again.server_pid), 5.0)
 
 
+def test_an_idle_registry_whose_socket_directory_went_exits_and_removes_its_table() -> None:
+    """A cleaned /tmp (or a test's removed work directory) takes the socket's directory: no
+    client can reach the registry any more, and it used to stay forever, holding its
+    shared-memory lookup table (the full suite left one such registry behind per run)."""
+    import shutil
+    import tempfile
+
+    work = tempfile.mkdtemp(prefix="kvr-gone-", dir="/tmp")
+    path = os.path.join(work, "registry.sock")
+    try:
+        ensure_registry(path, idle_exit_s=0.5)
+        with RegistryClient.connect(path, client_name="look", autostart=False) as client:
+            server_pid, table = client.server_pid, client.lookup_table_path
+        assert table and os.path.exists(table)
+        shutil.rmtree(work)
+        wait_until(lambda: not pid_alive(server_pid), 5.0)
+        assert not os.path.exists(table)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run_kvmkt(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "kvmkt_connector.cli", *args],
