@@ -262,8 +262,8 @@ class PrefixRegistry:
         holders_of_tail = ns_listing.get(tail) if ns_listing else None
         for hid in sorted(holders_of_tail or (), reverse=True):  # most recent holder first
             entry = holders_of_tail[hid]
-            if hid == exclude_holder or blocks > entry.holder.listed:  # (a parent cycle
-                continue  # cannot make the walk longer than what the holder lists)
+            if hid == exclude_holder or blocks > entry.holder.listed:  # (bounds the walk,
+                continue  # whatever links the holder sent)
             chain = [entry]
             while len(chain) < blocks and entry.parent:
                 holders_of_key = ns_listing.get(entry.parent)

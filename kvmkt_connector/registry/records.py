@@ -63,7 +63,7 @@ class Entry:
         self.holder = holder
         self.key = key
         self.location = location
-        self.parent = parent  # key of the block before it in the holder's prefix; b"": unknown
+        self.parent = parent  # key of the block before it; b"": a first block, or not published
         self.lease_count = 0
         self.retiring = False  # withdrawn while leased: location released when leases end
         self.dead = False  # no longer the holder's (released, overwritten, holder gone)

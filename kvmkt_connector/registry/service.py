@@ -344,9 +344,11 @@ class RegistryServer:
         """Leave only while no auto-starter holds the lock and nobody waits in the backlog."""
         try:
             lock_fd = os.open(paths.lock_path(self.socket_path), os.O_RDWR | os.O_CREAT, 0o600)
-        except FileNotFoundError:  # our socket's directory went (a cleaned /tmp): no client
+        except FileNotFoundError:
+            # Our socket's directory went (a cleaned /tmp): no client can reach us any more,
+            # and staying would keep the lookup table in /dev/shm forever.
             log.info("socket directory gone and no client for %.1f s: exiting", self.idle_exit_s)
-            self.close()  # can reach us any more; the lookup table must not outlive us
+            self.close()
             return True
         except OSError:
             return False
