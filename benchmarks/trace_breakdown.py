@@ -2,7 +2,9 @@
 
     python benchmarks/trace_breakdown.py OUT/ttft.log OUT/logs/ttft-engine-B.log
 
-ttft_bench prints ``import-call <submit ns> <done ns> <prefix>`` around each timed import;
+ttft_bench prints ``import-call <submit ns> <done ns> <prefix>`` around each timed import
+(``hit-call`` around the local hit on the same prefix right after: the same events, for
+comparison);
 the importer's log holds ``kvmkt-trace <ns> <request|-> <event>`` lines (CLOCK_MONOTONIC,
 shared by the processes of a host). For each import the events inside its window are
 put in order, repeated step events numbered (``step-meta.2``: the second step scheduled in
@@ -17,13 +19,13 @@ import statistics
 import sys
 from collections import defaultdict
 
-_CALL = re.compile(r"^import-call (\d+) (\d+) (\d+)")
+_CALL = re.compile(r"^(import|hit)-call (\d+) (\d+) (\d+)")
 _TRACE = re.compile(r"kvmkt-trace (\d+) (\S+) (\S+)")
 
 
-def windows(bench_log: str) -> list[tuple[int, int, int]]:
+def windows(bench_log: str) -> list[tuple[int, int, tuple[str, int]]]:
     with open(bench_log) as f:
-        return [tuple(map(int, m.groups())) for line in f if (m := _CALL.match(line))]
+        return [(int(m[2]), int(m[3]), (m[1], int(m[4]))) for line in f if (m := _CALL.match(line))]
 
 
 def events(engine_log: str) -> list[tuple[int, str]]:
@@ -37,8 +39,8 @@ def events(engine_log: str) -> list[tuple[int, str]]:
     return out
 
 
-def timelines(calls, evs) -> dict[int, list[list[tuple[str, float]]]]:
-    """prefix -> one [(event, ms since submit)] list per import."""
+def timelines(calls, evs) -> dict[tuple[str, int], list[list[tuple[str, float]]]]:
+    """(kind, prefix) -> one [(event, ms since submit)] list per call."""
     by_len: dict[int, list] = defaultdict(list)
     for t_sub, t_done, length in calls:
         seen: dict[str, int] = defaultdict(int)
@@ -68,7 +70,8 @@ def main(argv: list[str]) -> int:
                 stamps[label].append(ms)
         med = {k: statistics.median(v) for k, v in stamps.items()}
         order.sort(key=lambda k: med[k])
-        print(f"\n== prefix {length}: {len(lines)} imports, median ms since the client's call ==")
+        kind, tokens = length
+        print(f"\n== {kind}, prefix {tokens}: {len(lines)} calls, median ms since the client's call ==")
         print(f"{'event':<34}{'at':>9}{'gap':>9}{'n':>4}")
         prev = 0.0
         for label in order:

@@ -8,6 +8,12 @@ reported as load errors while the request is still parked: vLLM then keeps the v
 (nothing of ours), caches nothing we wrote, and prefills the rest as for any new request.
 A request whose import failed is not offered another one.
 
+The lease overlaps vLLM's allocation: ``match`` answers the shared-memory table's bound and
+posts the lease; the reply is read when the step's jobs are made (``take_jobs``), after
+vLLM allocated the blocks. Should the grant come back shorter (a holder evicted blocks in
+between, or its pages changed), the job copies what was granted and reports the rest as
+load errors: vLLM then caches the copied prefix and prefills the rest, as after a failure.
+
 A hit is capped at ``num_tokens - 1`` tokens, block-aligned: vLLM must still compute at
 least one token to sample from. Every path that is unsure (no match, registry down, stale
 pages, copy failed) answers 0 or reports the blocks failed, so vLLM recomputes them.
@@ -26,6 +32,7 @@ from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import KeyProbe, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.client import PendingReply
 from kvmkt_connector.registry.leases import MAX_LEASE_RUN
 from kvmkt_connector.registry.protocol import LeaseGranted
 
@@ -39,9 +46,22 @@ logger = get_logger(__name__)
 # prototype's bug). Failure paths: "fail" reports the copy failed without copying; "stall"
 # issues the copy ``kvmkt_stall_s`` later (an exporter can die or rewrite the pages in
 # between); "stall_unchecked" does the same but skips the tag check after the copy (it shows
-# what that check catches). Permuting pages would not do as a control: keys carry their
+# what that check catches). "short" uses half the lease, as when a lease comes back shorter
+# than the table promised. Permuting pages would not do as a control: keys carry their
 # rotary position, so later tokens see the same set of keys in any order.
-FAULTS = ("zero", "first_page", "fail", "stall", "stall_unchecked")
+FAULTS = ("zero", "first_page", "fail", "stall", "stall_unchecked", "short")
+
+
+@dataclass
+class _LeaseAsked:
+    """A LeaseChain posted by ``match``, read once vLLM allocated (or asked again)."""
+
+    reply: PendingReply
+    request: Request
+    probe: KeyProbe
+    keys: PrefixKeys
+    namespace: bytes
+    limit: int  # the most blocks the request could import
 
 
 @dataclass
@@ -50,16 +70,25 @@ class _RequestImport:
     lease: LeaseGranted | None
     keys: list[bytes]  # keys of the usable leased blocks
     epoch: int  # the registry connection that granted the lease
-    usable: int = 0  # leased blocks whose pages are still the published ones
-    job_id: int | None = None  # the copy in flight
+    usable: int = 0  # leased blocks whose pages are still the published ones (asked: promised)
+    job_id: int | None = None  # the copy planned or in flight
     imported_tokens: int = 0  # confirmed
     failed: bool = False  # an import failed: this request prefills from now on
+    asked: _LeaseAsked | None = None  # the lease reply not read yet
+
+
+@dataclass
+class _Planned:
+    job_id: int
+    request_id: str
+    dst: list[int]
+    fault: tuple[str | None, float]  # test faults only
 
 
 @dataclass
 class _Inflight:
     epoch: int
-    lease_id: int
+    lease_id: int | None  # None: nothing was leased (the job only reports its blocks)
     request_id: str
     tokens: int
     blocks: int
@@ -79,7 +108,7 @@ class ImportPlanner:
         self._stats = stats
         self._min_blocks = max(1, -(-cfg.min_import_tokens // block_size))
         self._requests: dict[str, _RequestImport] = {}
-        self._pending: list[LoadJob] = []
+        self._planned: list[_Planned] = []  # allocated this step; jobs made in take_jobs
         self._inflight: dict[int, _Inflight] = {}  # by job id
         self._next_job = 0
         self.block_bytes = 0  # KV bytes of one block on all ranks (known after the handshake)
@@ -92,7 +121,8 @@ class ImportPlanner:
     def match(
         self, request: Request, keys: PrefixKeys, namespace: bytes, num_local_tokens: int
     ) -> int:
-        """Tokens beyond ``num_local_tokens`` we will load; holds a lease on them."""
+        """Tokens beyond ``num_local_tokens`` we will load: the table's bound, with the lease
+        asked for (read in ``take_jobs``), or, asked again, what the lease granted."""
         bs = self._block_size
         start, limit = num_local_tokens // bs, (request.num_tokens - 1) // bs
         limit = min(limit, start + MAX_LEASE_RUN)  # the most one lease covers
@@ -100,6 +130,8 @@ class ImportPlanner:
         if state is not None:
             if state.failed or state.job_id is not None:
                 return 0
+            if state.asked is not None:
+                self._settle(state)  # not admitted last time: the reply is in by now
             if state.lease is not None:
                 if state.start_block == start and self._lease_fresh(state):
                     return state.usable * bs  # re-query of a request not admitted yet
@@ -116,11 +148,42 @@ class ImportPlanner:
         if hint < self._min_blocks:
             self._stats.count("fallback_miss")
             return 0
-        grant = self._lease(probe, keys, request, namespace, start, hint)
+        own = self._link.own_holder_id
+        ttl_ms = int(self._cfg.lease_ttl_s * 1000)
+        tail, head_parent = probe[hint - 1], probe.block_key(start - 1) if start else b""
+        reply = self._link.call(
+            lambda c: c.post_lease_chain(namespace, tail, hint, ttl_ms, head_parent, own)
+        )
+        if reply is None:
+            return 0
+        prev = self._requests.get(request.request_id)
+        state = _RequestImport(
+            start, None, [], self._link.epoch, hint,
+            imported_tokens=prev.imported_tokens if prev else 0,
+            asked=_LeaseAsked(reply, request, probe, keys, namespace, limit - start),
+        )  # fmt: skip
+        self._requests[request.request_id] = state
+        if not self._link.has_table():  # the hint was no bound: wait for the lease now
+            self._settle(state)
+            return state.usable * bs if state.lease is not None else 0
+        return hint * bs
+
+    def _settle(self, state: _RequestImport) -> None:
+        """Read the lease asked for; keep the part whose pages are still the published ones
+        (``state.lease`` None: nothing usable)."""
+        asked, state.asked = state.asked, None
+        assert asked is not None
+        request, hint = asked.request, state.usable
+        state.usable, state.keys = 0, []
+        reply = self._link.result(asked.reply)
+        trace(logger, request.request_id, "granted")
+        chain = reply if isinstance(reply, LeaseGranted) else None
+        grant = self._checked(chain, asked, state, hint)
+        if grant is not chain:  # leased anew, on the connection we have now
+            state.epoch = self._link.epoch
         if grant is None:
             self._stats.count("fallback_miss")
-            return 0
-        trace(logger, request.request_id, "granted")
+            return
         try:
             n = self._usable(grant.descriptor, grant.locations)
         except Exception as e:  # whatever a holder published: never into vLLM's scheduler
@@ -128,30 +191,20 @@ class ImportPlanner:
                            grant.holder_id, e)
             n = 0
         if n is None or n < self._min_blocks:  # another transport, or rewritten pages
-            self._link.call(lambda c: c.release_leases([grant.lease_id]))
+            self._release_ids([(state.epoch, grant.lease_id)])
             self._stats.count("fallback_incompatible" if n is None else "fallback_miss")
-            return 0
+            return
+        n = min(n, hint)
         trace(logger, request.request_id, f"leased {n}")
-        self._stats.count("hits_full" if n == limit - start else "hits_partial")
-        prev = self._requests.get(request.request_id)
-        self._requests[request.request_id] = _RequestImport(
-            start, grant, grant.keys[:n], self._link.epoch, n,
-            imported_tokens=prev.imported_tokens if prev else 0,
-        )
-        return n * bs
+        self._stats.count("hits_full" if n == asked.limit else "hits_partial")
+        state.lease, state.keys, state.usable = grant, grant.keys[:n], n
 
-    def _lease(
-        self, probe: KeyProbe, keys: PrefixKeys, request: Request, namespace: bytes,
-        start: int, hint: int,
+    def _checked(
+        self, grant: LeaseGranted | None, asked: _LeaseAsked, state: _RequestImport, hint: int
     ) -> LeaseGranted | None:  # fmt: skip
-        """Lease ``probe[:hint]`` by its last key (the holder's parent links give the rest);
-        if that chain is not whole or not ours, lease the longest run of every key."""
-        ttl_ms = int(self._cfg.lease_ttl_s * 1000)
-        own = self._link.own_holder_id
-        tail, head_parent = probe[hint - 1], probe.block_key(start - 1) if start else b""
-        grant = self._link.call(
-            lambda c: c.lease_chain(namespace, tail, hint, ttl_ms, head_parent, own)
-        )
+        """The chain lease if it is whole and ours; else the longest run leased by every key
+        (the holder's parent links give the chain: see ``_ours``)."""
+        request, probe, keys, start = asked.request, asked.probe, asked.keys, state.start_block
         if grant is not None:
             if (len(grant.keys) == len(grant.locations) == hint
                     and self._ours(grant, probe, keys, request, start)):
@@ -159,11 +212,13 @@ class ImportPlanner:
             logger.warning("kvmkt: holder %d's parent links do not match the keys of request "
                            "%s; leasing by every key instead", grant.holder_id,
                            request.request_id)
-            self._link.call(lambda c: c.release_leases([grant.lease_id]))
+            self._release_ids([(state.epoch, grant.lease_id)])
+        ttl_ms = int(self._cfg.lease_ttl_s * 1000)
+        own = self._link.own_holder_id
         limit = start + len(probe)
         candidates = keys.extend(request.all_token_ids, upto=limit * self._block_size)[start:limit]
         return self._link.call(
-            lambda c: c.lease(namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
+            lambda c: c.lease(asked.namespace, candidates[:hint], ttl_ms, self._min_blocks, own)
         )
 
     def _ours(self, grant: LeaseGranted, probe: KeyProbe, keys: PrefixKeys, request: Request,
@@ -189,48 +244,41 @@ class ImportPlanner:
                 and lease.expires_at_ns - time.monotonic_ns() > 0.5 * self._cfg.lease_ttl_s * 1e9)
 
     def _release(self, state: _RequestImport) -> None:
+        if state.asked is not None:  # asked, never used: read the reply to end its lease
+            reply, state.asked = self._link.result(state.asked.reply), None
+            if isinstance(reply, LeaseGranted):
+                self._release_ids([(state.epoch, reply.lease_id)])
         if state.lease is not None:
             self._release_ids([(state.epoch, state.lease.lease_id)])
             state.lease = None
 
-    def _release_ids(self, leases: list[tuple[int, int]]) -> None:
-        """Release leases of the current registry connection; older ones died with theirs."""
-        ids = [lease_id for epoch, lease_id in leases if epoch == self._link.epoch]
-        if ids:
-            self._link.call(lambda c: c.release_leases(ids))
+    def _release_ids(self, leases: list[tuple[int, int | None]]) -> None:
+        """Release leases of the current registry connection (older ones died with theirs),
+        without waiting for the registry's answer."""
+        ids = [i for epoch, i in leases if epoch == self._link.epoch and i is not None]
+        self._link.release_later(ids)
 
     # ------------------------------------------------------------ plan
 
-    def on_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> LoadJob | None:
-        """vLLM allocated the request's blocks: the copy job for them, if we still load."""
+    def on_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int
+                 ) -> list[int] | None:  # fmt: skip
+        """vLLM allocated the request's blocks: plan the copy into them (the job is made in
+        ``take_jobs``, once the lease is read); returns the blocks it may write."""
         state = self._requests.get(request.request_id)
-        if state is None or state.lease is None:
+        if state is None or (state.lease is None and state.asked is None):
             return None
         if num_external_tokens == 0:  # vLLM did not take our tokens this time
             self._release(state)
             return None
-        lease = state.lease
         n = min(num_external_tokens // self._block_size, state.usable)
-        fault, stall_s = self._fault_for(request)
-        job = LoadJob(
-            job_id=self._next_job,
-            request_id=request.request_id,
-            holder_id=lease.holder_id,
-            descriptor=lease.descriptor,
-            src=lease.locations[:n],
-            dst=block_ids[state.start_block : state.start_block + n],
-            keys=state.keys[:n],
-            fault=fault,
-            stall_s=stall_s,
+        dst = block_ids[state.start_block : state.start_block + n]
+        self._planned.append(
+            _Planned(self._next_job, request.request_id, dst, self._fault_for(request))
         )
+        state.job_id = self._next_job
         self._next_job += 1
-        self._pending.append(job)
         trace(logger, request.request_id, "allocated")
-        self._inflight[job.job_id] = _Inflight(
-            state.epoch, lease.lease_id, request.request_id, n * self._block_size, n
-        )
-        state.lease, state.job_id = None, job.job_id  # the lease is the job's now
-        return job
+        return dst
 
     def _fault_for(self, request: Request) -> tuple[str | None, float]:
         if not self._cfg.allow_fault_injection:
@@ -242,7 +290,42 @@ class ImportPlanner:
         return fault, float(params.get("kvmkt_stall_s", 0.0))
 
     def take_jobs(self) -> list[LoadJob]:
-        jobs, self._pending = self._pending, []
+        """This step's copy jobs. A lease shorter than what vLLM allocated for (the table's
+        bound promised more) copies its part; the rest of ``dst`` is reported as load errors
+        and vLLM prefills it."""
+        planned, self._planned = self._planned, []
+        jobs = []
+        for plan in planned:
+            state = self._requests.get(plan.request_id)
+            if state is None:  # (not in vLLM: a request ends between steps, not inside one)
+                continue
+            if state.asked is not None:
+                self._settle(state)
+            lease, n = state.lease, min(len(plan.dst), state.usable)
+            if lease is None:
+                n = 0
+            elif plan.fault[0] == "short":
+                n //= 2
+            if n < len(plan.dst):
+                logger.info("kvmkt: request %s: %d of the %d blocks promised are leased; the "
+                            "rest is prefilled", plan.request_id, n, len(plan.dst))
+            fault, stall_s = plan.fault if n else (None, 0.0)
+            jobs.append(LoadJob(
+                job_id=plan.job_id,
+                request_id=plan.request_id,
+                holder_id=lease.holder_id if lease else -1,
+                descriptor=lease.descriptor if lease else b"",
+                src=lease.locations[:n] if lease else [],
+                dst=plan.dst,
+                keys=state.keys[:n],
+                fault=fault,
+                stall_s=stall_s,
+            ))  # fmt: skip
+            self._inflight[plan.job_id] = _Inflight(
+                state.epoch, lease.lease_id if lease else None, plan.request_id,
+                n * self._block_size, n,
+            )  # fmt: skip
+            state.lease = None  # the lease is the job's now
         return jobs
 
     def on_jobs_done(self, job_ids: list[int], failed: bool = False) -> None:
@@ -264,7 +347,9 @@ class ImportPlanner:
 
     def has_pending_load(self, request_id: str) -> bool:
         """Whether a copy into this request's blocks is not confirmed done yet."""
-        return any(job.request_id == request_id for job in self._inflight.values())
+        return any(job.request_id == request_id for job in self._inflight.values()) or any(
+            plan.request_id == request_id for plan in self._planned
+        )
 
     def on_request_finished(self, request_id: str) -> int:
         """Release what the request still holds; return the tokens it imported. A copy
@@ -276,8 +361,10 @@ class ImportPlanner:
         return state.imported_tokens
 
     def shutdown(self) -> None:
+        """Our registry connection closes next, which ends its leases (asked ones too)."""
         leases = [(s.epoch, s.lease.lease_id) for s in self._requests.values() if s.lease]
         leases += [(job.epoch, job.lease_id) for job in self._inflight.values()]
         self._release_ids(leases)
         self._requests.clear()
         self._inflight.clear()
+        self._planned.clear()

@@ -13,7 +13,9 @@ pages, that the holder is still alive: a copy that might have read anything but 
 published pages is reported failed, and vLLM recomputes those blocks. Every job is
 reported exactly once, successful or failed: vLLM waits for that, also for aborted requests.
 An issued copy always ends (a bounded memcpy or kernel), so no request waits forever; a test
-stall (``stall_s``) is bounded by the request's own parameter.
+stall (``stall_s``) is bounded by the request's own parameter. A job whose ``src`` is shorter
+than its ``dst`` (its lease came back shorter than vLLM allocated for) copies that many
+blocks and reports the rest as load errors, whatever the copy's outcome.
 """
 
 from __future__ import annotations
@@ -77,12 +79,16 @@ class LoadRunner:
                         if shm_importer is not None else None)
         self._loads: list[_Load] = []
         self._failed_now: list[tuple[LoadJob, str]] = []
+        self._nothing_to_copy: list[LoadJob] = []  # nothing leased: only errors to report
         self._tables = MappedTables(_MAX_TABLES)
         self._holders: dict[bytes, HolderDescriptor] = {}
 
     # ------------------------------------------------------------ issue
 
     def submit(self, job: LoadJob) -> None:
+        if not job.src:
+            self._nothing_to_copy.append(job)
+            return
         try:
             load = _Load(job, time.perf_counter(), src=np.asarray(job.src, dtype=np.int64))
             load.holder = self._holder(job.descriptor)
@@ -150,10 +156,10 @@ class LoadRunner:
         assert self._stream is not None
         self._stream.wait_stream(torch.cuda.current_stream(self._layout.device))
         with torch.cuda.stream(self._stream):
-            event = self._ipc.load(desc, blocks, job.dst)
+            event = self._ipc.load(desc, blocks, job.dst[: len(blocks)])
             trace(logger, job.request_id, "launched")
             if job.fault == "zero":
-                self._zero(job.dst)
+                self._zero(job.dst[: len(blocks)])
                 event.record(self._stream)
         load.is_done = event.query
 
@@ -168,6 +174,7 @@ class LoadRunner:
         job = load.job
         slots, _ = decode_locations(src)
         keys = job.keys if job.fault != "first_page" else [job.keys[0]] * len(job.keys)
+        dst = job.dst[: len(slots)]
         ready = None
         if self._cuda:  # the blocks may still be written by work queued before this step
             ready = torch.cuda.Event()
@@ -175,17 +182,17 @@ class LoadRunner:
 
         def copy() -> None:
             if self._stream is None:
-                self._shm.load(desc, slots.tolist(), keys, job.dst)
+                self._shm.load(desc, slots.tolist(), keys, dst)
             else:
                 with torch.cuda.stream(self._stream):
                     self._stream.wait_event(ready)
-                    self._shm.load(desc, slots.tolist(), keys, job.dst)
+                    self._shm.load(desc, slots.tolist(), keys, dst)
                     if job.fault == "zero":
-                        self._zero(job.dst)
+                        self._zero(dst)
                     self._stream.synchronize()
                 return
             if job.fault == "zero":
-                self._zero(job.dst)
+                self._zero(dst)
 
         assert self._thread is not None
         future = self._thread.submit(copy)
@@ -216,7 +223,9 @@ class LoadRunner:
         out = LoadResults()
         for job, why in self._failed_now:
             self._report(out, job, why)
-        self._failed_now = []
+        for job in self._nothing_to_copy:
+            self._report(out, job, None)
+        self._failed_now, self._nothing_to_copy = [], []
         still = []
         for load in self._loads:
             if load.issue_at or not load.is_done():
@@ -240,6 +249,7 @@ class LoadRunner:
         out.finished_requests.add(job.request_id)
         if failure is None:
             out.done_jobs.append(job.job_id)
+            out.failed_blocks.update(job.dst[len(job.src) :])  # not leased: vLLM prefills them
             return
         logger.warning(
             "kvmkt: import of %d blocks from holder %d failed (%s); they will be recomputed",

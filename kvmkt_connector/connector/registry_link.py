@@ -25,7 +25,12 @@ from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.holder_channel import HolderChannel
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.registry.client import RegistryClient, RegistryError, RegistryUnavailable
+from kvmkt_connector.registry.client import (
+    PendingReply,
+    RegistryClient,
+    RegistryError,
+    RegistryUnavailable,
+)
 from kvmkt_connector.registry.protocol import LEASE_LIMIT
 
 logger = get_logger(__name__)
@@ -119,13 +124,56 @@ class RegistryLink:
                     self._retry_at = 0.0  # a slow one must not cost two timeouts per request
                     continue
             except RegistryError as e:
-                if e.code == LEASE_LIMIT:  # the registry works; it lends no more for now
-                    self._note_refusal(e)
+                if self._refused(e):
                     return None
-                logger.warning("kvmkt: registry refused a request: %s", e)
             break
         self._stats.count("fallback_registry_unavailable")
         return None
+
+    def result(self, pending: PendingReply[T]) -> T | None:
+        """A posted request's reply, or None as ``call`` would give (not retried: what it
+        asked for was meant for the connection that went)."""
+        try:
+            return pending.result()
+        except RegistryUnavailable as e:
+            if self._client is not None and self._client.broken:  # (ours, or one before it)
+                self._down(f"lost the registry: {e}", 0.0)
+                self._retry_at = 0.0
+        except RegistryError as e:
+            if self._refused(e):
+                return None
+        self._stats.count("fallback_registry_unavailable")
+        return None
+
+    def release_later(self, lease_ids: list[int]) -> None:
+        """Release without waiting for the answer (a lease only steers: nothing depends on
+        when the registry ends it, and a lost connection ends it anyway)."""
+        client = self._client
+        if client is None or not lease_ids:
+            return
+        try:
+            client.release_leases_later(lease_ids)
+        except (RegistryUnavailable, RegistryError) as e:
+            logger.info("kvmkt: could not release leases %s: %s", lease_ids, e)
+
+    def flush(self) -> None:
+        """Wait until the registry handled what we posted (tests; orderly shutdown)."""
+        if self._client is not None:
+            with contextlib.suppress(RegistryUnavailable):
+                self._client.drain()
+
+    def has_table(self) -> bool:
+        """Whether hints come from the registry's lookup table (else they are no bound)."""
+        client = self._client
+        return client is not None and bool(client.lookup_table_path)
+
+    def _refused(self, e: RegistryError) -> bool:
+        """Log a refusal; True if it is no outage (the registry lends no more for now)."""
+        if e.code == LEASE_LIMIT:
+            self._note_refusal(e)
+            return True
+        logger.warning("kvmkt: registry refused a request: %s", e)
+        return False
 
     def _note_refusal(self, e: RegistryError) -> None:
         now = time.monotonic()

@@ -278,6 +278,7 @@ class MarketplaceScheduler:
         self, request: Request, num_local: int
     ) -> tuple[int | None, bool]:
         self._sample_at[request.request_id] = request.num_tokens  # (see _output_steps)
+        trace(logger, request.request_id, f"asked {num_local}")  # (local hits too)
         if self._layout_pending():
             return None, False  # "ask again next step" (vLLM keeps the request waiting)
         if not self._import or self._keyer is None or request.skip_reading_prefix_cache:
@@ -292,9 +293,9 @@ class MarketplaceScheduler:
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
         self._not_run.add(request.request_id)
-        job = self._planner.on_alloc(request, block_ids, n_ext)
-        if job is not None and self._ledger is not None:
-            self._ledger.on_blocks_rewritten(job.dst)  # our import writes them
+        dst = self._planner.on_alloc(request, block_ids, n_ext)
+        if dst and self._ledger is not None:
+            self._ledger.on_blocks_rewritten(dst)  # our import writes them
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
         if self._not_run:

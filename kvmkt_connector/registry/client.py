@@ -1,7 +1,10 @@
 """``RegistryClient``: a blocking, thread-safe client of the node's prefix registry.
 
-One request at a time per client (a lock spans each request/reply pair). Any transport
-failure (connect, timeout, lost connection, a reply that makes no sense) raises
+Requests may be pipelined: ``post`` sends one and returns a ``PendingReply`` whose
+``result()`` reads replies, in order, up to its own; every other call sends and then waits
+(reading the replies of earlier posts first). A lock spans each send and each read. The
+importer posts its lease while vLLM allocates the request's blocks, and its releases
+without ever waiting for them. Any transport failure (connect, timeout, lost connection, a reply that makes no sense) raises
 ``RegistryUnavailable`` and leaves the client broken: callers make a new one. An
 ``ErrorReply`` raises ``RegistryError``; the client stays usable unless the server closed
 the connection with it (bad_frame, bad_version).
@@ -9,12 +12,14 @@ the connection with it (bad_frame, bad_version).
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
 import threading
+from collections import deque
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import msgspec
 
@@ -58,11 +63,45 @@ from .protocol import (
     Unpublished,
 )
 
-__all__ = ["RegistryClient", "RegistryError", "RegistryUnavailable"]
+__all__ = ["PendingReply", "RegistryClient", "RegistryError", "RegistryUnavailable"]
 
+log = logging.getLogger(__name__)
 _R = TypeVar("_R", bound=msgspec.Struct)
 _FATAL_CODES = frozenset({"bad_frame", "bad_version"})  # the server closes after these
 _RECV_BYTES = 64 << 10
+
+
+class PendingReply(Generic[_R]):
+    """The reply to a posted request, read on demand (replies arrive in request order)."""
+
+    __slots__ = ("_client", "_expected", "_name", "_reply", "_error", "done", "detached")
+
+    def __init__(self, client: RegistryClient, request_name: str, expected: tuple) -> None:
+        self._client, self._name, self._expected = client, request_name, expected
+        self._reply: _R | None = None
+        self._error: Exception | None = None
+        self.done = False
+        self.detached = False  # nobody will ask: an error is only logged
+
+    def result(self) -> _R:
+        """The reply; raises what ``_call`` would have (RegistryError, RegistryUnavailable)."""
+        if not self.done:
+            self._client._read_until(self)
+        if self._error is not None:
+            raise self._error
+        return self._reply  # type: ignore[return-value]
+
+    def _settle(self, reply: Reply | None, error: Exception | None = None) -> None:
+        """Returns normally; a reply that makes no sense sets an error (and the caller
+        closes the connection: see ``_read_until``)."""
+        self.done = True
+        if error is None and isinstance(reply, ErrorReply):
+            error = RegistryError(reply.code, reply.message)
+        elif error is None and not isinstance(reply, self._expected):
+            error = RegistryUnavailable(f"registry answered {type(reply).__name__} to {self._name}")
+        self._reply, self._error = (None, error) if error is not None else (reply, None)
+        if error is not None and self.detached:
+            log.warning("kvmkt: %s got no good reply (nobody waits for it): %s", self._name, error)
 
 
 class RegistryClient:
@@ -77,6 +116,7 @@ class RegistryClient:
         self._lock = threading.Lock()
         self._rbuf = bytearray()
         self._table: LookupTable | None = None
+        self._unread: deque[PendingReply] = deque()  # posted, in order; replies not read
 
     @classmethod
     def connect(
@@ -205,8 +245,25 @@ class RegistryClient:
                            LeaseGranted, NoMatch)
         return None if isinstance(reply, NoMatch) else reply
 
+    def post_lease_chain(
+        self, namespace: bytes, tail: bytes, blocks: int, ttl_ms: int, head_parent: bytes = b"",
+        exclude_holder: int | None = None,
+    ) -> PendingReply:  # fmt: skip
+        """``lease_chain`` without waiting: ``result()`` is a LeaseGranted or a NoMatch."""
+        return self.post(LeaseChain(namespace, tail, blocks, ttl_ms, head_parent, exclude_holder),
+                         LeaseGranted, NoMatch)
+
     def release_leases(self, lease_ids: Sequence[int]) -> None:
         self._call(ReleaseLeases(list(lease_ids)), Ok)
+
+    def drain(self) -> None:
+        """Wait until the registry answered everything posted (so handled it, in order)."""
+        if self._unread:
+            self._read_until(self._unread[-1])
+
+    def release_leases_later(self, lease_ids: Sequence[int]) -> None:
+        """Send the release; its reply is read (and dropped) by a later call."""
+        self.post(ReleaseLeases(list(lease_ids)), Ok).detached = True
 
     # ------------------------------------------------------------ diagnostics
 
@@ -229,11 +286,19 @@ class RegistryClient:
     def peer_closed(self) -> bool:
         """Whether the registry closed this connection (it died or restarted), without
         blocking: its lookup table is then stale, and our holder bit may be someone else's.
-        (Replies are only read inside ``_call``, so a readable socket here means EOF or junk;
+        (With no reply outstanding, a readable socket here means EOF or junk;
         ``select`` first: a recv on a socket with a timeout would wait that long.)"""
         sock = self._sock
         if sock is None:
             return True
+        if self._unread:  # replies we posted for are not junk: read them first
+            try:
+                self._read_until(self._unread[-1])
+            except RegistryUnavailable:
+                return True
+            sock = self._sock
+            if sock is None:
+                return True
         try:
             readable, _, _ = select.select([sock], [], [], 0)
             return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
@@ -263,29 +328,46 @@ class RegistryClient:
         return self._table
 
     def _call(self, request: msgspec.Struct, *expected: type[_R]) -> _R:
+        return self.post(request, *expected).result()
+
+    def post(self, request: msgspec.Struct, *expected: type) -> PendingReply:
+        """Send ``request``; its reply is read by ``result()`` (or by any later call)."""
         try:
             frame = encode_frame(request)
         except FrameError as exc:  # our request is too big: the caller's problem, not fatal
             raise RegistryError("bad_request", str(exc)) from exc
+        pending: PendingReply = PendingReply(self, type(request).__name__, expected)
         with self._lock:
             if self._sock is None:
                 raise RegistryUnavailable("registry client is closed or broken; reconnect")
             try:
                 self._sock.sendall(frame)
-                reply = self._read_reply()
-            except (OSError, FrameError) as exc:  # socket.timeout is an OSError
+            except OSError as exc:  # socket.timeout is an OSError
                 self._close_socket()
                 raise RegistryUnavailable(f"registry connection failed: {exc}") from exc
-            if isinstance(reply, ErrorReply):
-                if reply.code in _FATAL_CODES:
+            self._unread.append(pending)
+        return pending
+
+    def _read_until(self, pending: PendingReply) -> None:
+        """Read replies in order until ``pending`` has its own."""
+        with self._lock:
+            while not pending.done:
+                if self._sock is None or not self._unread:
+                    pending._settle(None, RegistryUnavailable("registry connection was closed"))
+                    return
+                head = self._unread[0]
+                try:
+                    reply = self._read_reply()
+                except (OSError, FrameError) as exc:  # socket.timeout is an OSError
                     self._close_socket()
-                raise RegistryError(reply.code, reply.message)
-            if not isinstance(reply, expected):
-                self._close_socket()
-                raise RegistryUnavailable(
-                    f"registry answered {type(reply).__name__} to {type(request).__name__}"
-                )
-            return reply
+                    pending._settle(None, RegistryUnavailable(f"registry connection failed: {exc}"))
+                    return
+                self._unread.popleft()
+                head._settle(reply)
+                if isinstance(head._error, RegistryUnavailable) or (
+                    isinstance(reply, ErrorReply) and reply.code in _FATAL_CODES
+                ):
+                    self._close_socket()  # the stream cannot be trusted any more
 
     def _read_reply(self) -> Reply:
         buf, sock = self._rbuf, self._sock
@@ -310,3 +392,6 @@ class RegistryClient:
             self._sock.close()
             self._sock = None
             self._rbuf.clear()
+        for pending in self._unread:  # their replies will never come
+            pending._settle(None, RegistryUnavailable("registry connection was closed"))
+        self._unread.clear()

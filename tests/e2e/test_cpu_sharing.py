@@ -46,6 +46,7 @@ FAILING = [fresh(160 + 16 * i) for i in range(8)]  # prefixes P for the reported
 RESET = [fresh(300) for _ in range(3)]  # exported by A, then A's cache is reset
 AFTER_FAIL = fresh(240)  # imported by B right after the reported failures
 REGKILL = fresh(320)  # exported by A (after its cache reset) before the registry dies
+SHORT = [fresh(n) for n in (200, 333, 512)]  # leases that come back shorter than promised
 
 
 def exported_blocks(prompt: list[int]) -> int:
@@ -69,7 +70,7 @@ def engines(cluster, tiny_model_dir):
     cluster.wait_all()
     a = cluster.engines["A"]
     plain = (SHARED + [p for ps in FAULTY.values() for p in ps] + FOR_C + [KILLED, FIRST]
-             + FAILING + [AFTER_FAIL])
+             + FAILING + [AFTER_FAIL] + SHORT)
     a.generate(plain, max_tokens=A_OUT)
     a.generate([SALTED[0]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
     a.generate([SALTED[1]], max_tokens=A_OUT, options=[{"cache_salt": "tenant-a"}])
@@ -168,6 +169,23 @@ def test_reported_load_failures_are_recomputed(engines):
     # the engine is still serving and importing
     (again,) = b.generate([AFTER_FAIL + fresh(30)], max_tokens=MAX_TOKENS)
     assert again.imported_tokens == (len(AFTER_FAIL) // BS) * BS
+
+
+def test_a_lease_shorter_than_promised_imports_its_part(engines):
+    """match() answers the lookup table's bound and reads the lease only once vLLM has
+    allocated; a lease that comes back shorter ("short": half of it used) copies its part,
+    reports the other blocks as load errors, and vLLM prefills them after the copied part."""
+    b, r = engines["B"], engines["R"]
+    prompts = [p + fresh(25) for p in SHORT]
+    opts = [{"kv_transfer_params": {"kvmkt_fault": "short"}}] * len(prompts)
+    before = b.metrics()
+    got = one_by_one(b, prompts, options=opts)
+    ref = one_by_one(r, prompts)
+    after = b.metrics()
+    assert [g.imported_tokens for g in got] == [len(p) // BS // 2 * BS for p in SHORT]
+    assert [g.token_ids for g in got] == [w.token_ids for w in ref]
+    # a shortfall is no failed import
+    assert after["vllm:kvmkt_fallback_load_error"] == before["vllm:kvmkt_fallback_load_error"]
 
 
 def test_cache_salt_separates_tenants(engines):

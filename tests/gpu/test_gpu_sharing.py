@@ -62,6 +62,7 @@ SHARED = [fresh(256 + 61 * i) for i in range(56)]  # 256 .. 3611 tokens
 FAULTY = [fresh(1024 + 100 * i) for i in range(8)]
 FAILING = [fresh(512 + 64 * i) for i in range(8)]  # prefixes P of the reported failures
 KILL = [fresh(8192) for _ in range(12)]
+SHORT = [fresh(700 + 100 * i) for i in range(6)]  # leases shorter than the table promised
 E_BLOCKS = 560
 # KVMKT_GPU_TRANSPORT=host_shm runs the same engines over page-locked shared host memory
 # (GPUs without peer access); tests about reading pages in place then skip.
@@ -106,7 +107,7 @@ def engines(cluster, tmp_path_factory):
             cluster.wait_all()
     cluster.wait_all()
     a, r = cluster.engines["A"], cluster.engines["R"]
-    exported = SHARED + FAULTY + FAILING + KILL
+    exported = SHARED + FAULTY + FAILING + KILL + SHORT
     a.generate(exported, max_tokens=2)
     r.generate(exported, max_tokens=2)  # the mirror: R's cache = A's exports
     cluster.wait_published(sum((len(p) + 1) // BS for p in exported))
@@ -217,6 +218,25 @@ def test_reported_load_failures_are_recomputed(engines):
     assert any(y_imported), "no Y imported: the test shows no import beside failed ones"
     assert y_vs_mirror[0] == 0 and y_vs_mirror[1] <= LOGPROB_TOL
     assert x_mism <= c_mism and x_worst <= LOGPROB_TOL
+
+
+def test_a_lease_shorter_than_promised_imports_its_part(engines):
+    """The lease is read after vLLM allocated for the table's bound; one that comes back
+    shorter ("short": half of it used) copies its part and reports the rest as load errors,
+    which vLLM prefills after the imported part (a successful load with failed blocks)."""
+    b, r = engines["B"], engines["R"]
+    prompts = [p + fresh(30) for p in SHORT]
+    got = first_tokens(b, prompts, options=[{"kv_transfer_params": {"kvmkt_fault": "short"}}])
+    ref = first_tokens(r, prompts, options=[RECOMPUTE])
+    control = first_tokens(r, prompts)  # R's own prefix cache (A's KV) vs recompute
+    mism, worst = compare(got, ref)
+    c_mism, _ = compare(control, ref)
+    REPORT["short_leases"] = dict(prompts=len(prompts), imported=[g.imported_tokens for g in got],
+                                  vs_recompute=(mism, worst), control=c_mism,
+                                  engine_alive=bool(b.runtime()))
+    print("\nGPU short leases:", REPORT["short_leases"])
+    assert [g.imported_tokens for g in got] == [len(p) // BS // 2 * BS for p in SHORT]
+    assert mism <= c_mism and worst <= LOGPROB_TOL
 
 
 def _churn(e, blocks: int) -> None:

@@ -139,3 +139,18 @@ def import_planner(socket_path: str, block_size: int, verify_all_keys: bool = Tr
                             usable=usable or (lambda _d, locations: len(locations)))
     planner.verify_all_keys = verify_all_keys
     return planner, link
+
+
+
+def import_tokens(planner, request, keys, namespace: bytes, num_local_tokens: int = 0) -> int:
+    """What the scheduler ends up holding a lease on for ``request``: ``match`` answers the
+    table's promise and asks for the lease; the reply is read and checked as when vLLM has
+    allocated (``take_jobs``) or asks again. The lease stays on the request's state."""
+    promised = planner.match(request, keys, namespace, num_local_tokens)
+    state = planner._requests.get(request.request_id)
+    if promised == 0 or state is None:
+        return 0
+    if state.asked is not None:
+        planner._settle(state)
+    getattr(planner._link, "flush", lambda: None)()  # releases posted are handled now
+    return state.usable * planner._block_size if state.lease is not None else 0

@@ -10,7 +10,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, namespace
+from registry_helpers import import_planner, import_tokens, namespace
 
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.hashing import PrefixKeys
@@ -107,7 +107,7 @@ def test_head_parent_legit_runs(registry, verify_all_keys, start, run):
     link.call = lambda fn: calls.append(fn.__code__.co_names) or orig(fn)
     mine = PrefixKeys(root, bs)
     mine.extend(tokens, upto=(start + run + 2) * bs)  # extended earlier, past the run
-    assert planner.match(_request("r", tokens), mine, NS, start * bs) == run * bs
+    assert import_tokens(planner, _request("r", tokens), mine, NS, start * bs) == run * bs
     assert planner._requests["r"].keys == keys[start:]
     assert not any("lease" in names and "lease_chain" not in names for names in calls), calls
     link.close()
@@ -124,7 +124,7 @@ def test_parentless_middle_block_falls_back_to_every_key(registry):
     holder.register_holder(NS, "h", b"", b"d")
     holder.publish(keys, list(range(10)), parents=parents)
     planner, link = _live_planner(registry, bs, False)
-    assert planner.match(_request("r", tokens), PrefixKeys(root, bs), NS, 0) == 10 * bs
+    assert import_tokens(planner, _request("r", tokens), PrefixKeys(root, bs), NS, 0) == 10 * bs
     assert planner._requests["r"].keys == keys
     link.close()
     holder.close()
@@ -153,7 +153,7 @@ def test_locations_outside_int64_are_refused_and_a_failing_check_is_a_miss(regis
 
     planner, link = _live_planner(registry, bs, False, usable=broken_check)
     try:
-        assert planner.match(_request("r", tokens), PrefixKeys(root, bs), NS, 0) == 0
+        assert import_tokens(planner, _request("r", tokens), PrefixKeys(root, bs), NS, 0) == 0
         with registry.connect("watch") as watch:
             assert watch.status().active_leases == 0  # its lease was given back
     finally:
@@ -198,17 +198,16 @@ def test_the_importer_caps_its_run_at_MAX_LEASE_RUN(monkeypatch):
     reg.publish(hid, keys, list(range(8)), _parents(keys))
 
     class Client:
-        def lease_chain(self, ns, tail, blocks, ttl, head_parent=b"", excl=None):
-            return reg.lease_chain(ns, tail, blocks, ttl, head_parent, excl)
+        def post_lease_chain(self, ns, tail, blocks, ttl, head_parent=b"", excl=None):
+            reply = reg.lease_chain(ns, tail, blocks, ttl, head_parent, excl)
+            return SimpleNamespace(result=lambda: reply)
 
         def lease(self, ns, ks, ttl, mb=1, excl=None):
             return reg.lease(ns, ks, ttl, mb, excl)
 
-        def release_leases(self, ids):
-            pass
-
     link = SimpleNamespace(own_holder_id=None, epoch=0, call=lambda fn: fn(Client()),
-                           hint=lambda probe: len(probe))
+                           hint=lambda probe: len(probe), has_table=lambda: True,
+                           result=lambda pending: pending.result(), release_later=lambda ids: None)
     from kvmkt_connector.config import MarketplaceConfig
     from kvmkt_connector.metrics import MarketplaceStats
 
@@ -216,7 +215,7 @@ def test_the_importer_caps_its_run_at_MAX_LEASE_RUN(monkeypatch):
                             MarketplaceStats(), lambda _d, locs: len(locs))
     planner.verify_all_keys = False
     mine = PrefixKeys(root, bs)
-    assert planner.match(_request("r", tokens), mine, NS, 0) == 5 * bs
+    assert import_tokens(planner, _request("r", tokens), mine, NS, 0) == 5 * bs
     with pytest.raises(FrameError):  # (the frame limit, at real sizes)
         encode_frame(Lease(NS, [b"k" * 16] * 470_000, 1000))
     assert mine.keys == [], "in-place lookup hashed every key: the chain was never leasable"

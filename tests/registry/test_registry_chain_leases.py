@@ -8,7 +8,7 @@ import logging
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, namespace
+from registry_helpers import import_planner, import_tokens, namespace
 
 from kvmkt_connector.registry import index
 from kvmkt_connector.registry.framing import encode_frame
@@ -149,12 +149,12 @@ def test_the_importer_leases_by_the_last_key(registry, verify_all_keys) -> None:
     planner, link = _planner(registry, bs, verify_all_keys)
     prompt = shared + list(range(7, 7 + 9 * bs + 1))
     mine = PrefixKeys(root, bs)
-    assert planner.match(_request("r0", prompt), mine, NS, 0) == 40 * bs
+    assert import_tokens(planner, _request("r0", prompt), mine, NS, 0) == 40 * bs
     assert mine.keys == (keys if verify_all_keys else [])
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 140))
     # A local prefix-cache hit on the first 10 blocks: the lease starts there.
-    assert planner.match(_request("r1", prompt), PrefixKeys(root, bs), NS, 10 * bs) == 30 * bs
+    assert import_tokens(planner, _request("r1", prompt), PrefixKeys(root, bs), NS, 10 * bs) == 30 * bs
     assert planner._requests["r1"].keys == keys[10:]
     link.close()
     holder.close()
@@ -176,7 +176,7 @@ def _lied_to(registry, caplog, verify_all_keys: bool, lie) -> None:
     holder.publish(keys, list(range(100, 116)), parents=lie(holder, keys, other))
     planner, link = _planner(registry, bs, verify_all_keys)
     with caplog.at_level(logging.WARNING):
-        assert planner.match(_request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
+        assert import_tokens(planner, _request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
     assert "parent links do not match" in caplog.text
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 116))

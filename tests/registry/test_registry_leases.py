@@ -8,7 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import chain, import_planner, namespace, wait_until
+from registry_helpers import chain, import_planner, import_tokens, namespace, wait_until
 
 from kvmkt_connector.registry.client import RegistryError
 from kvmkt_connector.registry.index import PrefixRegistry
@@ -150,7 +150,7 @@ def test_the_importer_takes_a_lease_refusal_as_a_miss(registry) -> None:
                                all_token_ids=tokens + [7], kv_transfer_params=None)  # fmt: skip
 
     def match(rid: str) -> int:
-        return planner.match(request(rid), PrefixKeys(root, bs), NS, 0)
+        return import_tokens(planner, request(rid), PrefixKeys(root, bs), NS, 0)
 
     assert match("r0") == len(tokens)  # a lease on the whole prefix
     epoch = link.epoch
