@@ -50,6 +50,7 @@ logger = get_logger(__name__)
 # than the table promised. Permuting pages would not do as a control: keys carry their
 # rotary position, so later tokens see the same set of keys in any order.
 FAULTS = ("zero", "first_page", "fail", "stall", "stall_unchecked", "short")
+_WAIT_AFTER_EMPTY_S = 60.0  # after a promise whose lease gave nothing: lookups wait this long
 
 
 @dataclass
@@ -109,6 +110,7 @@ class ImportPlanner:
         self._min_blocks = max(1, -(-cfg.min_import_tokens // block_size))
         self._requests: dict[str, _RequestImport] = {}
         self._planned: list[_Planned] = []  # allocated this step; jobs made in take_jobs
+        self._wait_for_leases_until = 0.0  # (monotonic) see take_jobs
         self._inflight: dict[int, _Inflight] = {}  # by job id
         self._next_job = 0
         self.block_bytes = 0  # KV bytes of one block on all ranks (known after the handshake)
@@ -163,7 +165,9 @@ class ImportPlanner:
             asked=_LeaseAsked(reply, request, probe, keys, namespace, limit - start),
         )  # fmt: skip
         self._requests[request.request_id] = state
-        if not self._link.has_table():  # the hint was no bound: wait for the lease now
+        # The hint is no bound without a table; and after a promise came back empty, a miss
+        # costs less when it is known now than after a step parked in WAITING_FOR_REMOTE_KVS.
+        if not self._link.has_table() or time.monotonic() < self._wait_for_leases_until:
             self._settle(state)
             return state.usable * bs if state.lease is not None else 0
         return hint * bs
@@ -309,6 +313,12 @@ class ImportPlanner:
             if n < len(plan.dst):
                 logger.info("kvmkt: request %s: %d of the %d blocks promised are leased; the "
                             "rest is prefilled", plan.request_id, n, len(plan.dst))
+            if n == 0:
+                # vLLM gets every block back and, with nothing computed, would ask us again:
+                # this request prefills from now on, and for a while lookups wait for their
+                # lease (a neighbour we cannot read would otherwise be promised every time).
+                state.failed = True
+                self._wait_for_leases_until = time.monotonic() + _WAIT_AFTER_EMPTY_S
             fault, stall_s = plan.fault if n else (None, 0.0)
             jobs.append(LoadJob(
                 job_id=plan.job_id,

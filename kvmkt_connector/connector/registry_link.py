@@ -133,12 +133,15 @@ class RegistryLink:
     def result(self, pending: PendingReply[T]) -> T | None:
         """A posted request's reply, or None as ``call`` would give (not retried: what it
         asked for was meant for the connection that went)."""
+        t0 = time.monotonic()
         try:
             return pending.result()
         except RegistryUnavailable as e:
             if self._client is not None and self._client.broken:  # (ours, or one before it)
-                self._down(f"lost the registry: {e}", 0.0)
-                self._retry_at = 0.0
+                took = time.monotonic() - t0
+                self._down(f"lost the registry: {e}", took)
+                if took < 0.05:  # closed, not hung: a new registry may listen already
+                    self._retry_at = 0.0
         except RegistryError as e:
             if self._refused(e):
                 return None
@@ -186,7 +189,8 @@ class RegistryLink:
         """Shared-memory bound on the longest run (no round trip; >= the exact run, which
         the lease then returns); 0 when unknown; None (counted) when no registry is reachable."""
         client = self._connected()
-        if client is not None and client.peer_closed():  # restarted: its table is stale
+        # A restarted registry's table is stale (peer_closed never waits for posted replies)
+        if client is not None and client.peer_closed():
             self._down("the registry closed our connection", 0.0)
             self._retry_at = 0.0  # a new one may listen already
             client = self._connected()

@@ -91,7 +91,8 @@ class PendingReply(Generic[_R]):
             raise self._error
         return self._reply  # type: ignore[return-value]
 
-    def _settle(self, reply: Reply | None, error: Exception | None = None) -> None:
+    def _settle(self, reply: Reply | None, error: Exception | None = None,
+                quiet: bool = False) -> None:
         """Returns normally; a reply that makes no sense sets an error (and the caller
         closes the connection: see ``_read_until``)."""
         self.done = True
@@ -100,7 +101,7 @@ class PendingReply(Generic[_R]):
         elif error is None and not isinstance(reply, self._expected):
             error = RegistryUnavailable(f"registry answered {type(reply).__name__} to {self._name}")
         self._reply, self._error = (None, error) if error is not None else (reply, None)
-        if error is not None and self.detached:
+        if error is not None and self.detached and not quiet:
             log.warning("kvmkt: %s got no good reply (nobody waits for it): %s", self._name, error)
 
 
@@ -291,11 +292,14 @@ class RegistryClient:
         sock = self._sock
         if sock is None:
             return True
-        if self._unread:  # replies we posted for are not junk: read them first
+        while self._unread:  # replies we posted for are not junk: read those that came
             try:
-                self._read_until(self._unread[-1])
-            except RegistryUnavailable:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
                 return True
+            if not readable:
+                return False  # still to come: the connection is in use (reading finds EOF)
+            self._read_until(self._unread[0])  # (a closed peer closes the socket)
             sock = self._sock
             if sock is None:
                 return True
@@ -392,6 +396,7 @@ class RegistryClient:
             self._sock.close()
             self._sock = None
             self._rbuf.clear()
-        for pending in self._unread:  # their replies will never come
-            pending._settle(None, RegistryUnavailable("registry connection was closed"))
+        for pending in self._unread:  # their replies will never come (a detached release
+            # needs none: the registry ends a closed connection's leases)
+            pending._settle(None, RegistryUnavailable("registry connection was closed"), quiet=True)
         self._unread.clear()
