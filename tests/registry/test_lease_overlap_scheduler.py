@@ -18,7 +18,13 @@ import torch
 from registry_helpers import RegistryProcess
 
 from kvmkt_connector.hashing import BlockKeyer
-from tests.unit.vllm_objects import LAYER, NUM_BLOCKS, build_connector, engine_config, kv_cache_config
+from tests.unit.vllm_objects import (
+    LAYER,
+    NUM_BLOCKS,
+    build_connector,
+    engine_config,
+    kv_cache_config,
+)
 
 
 def test_an_unreadable_neighbour_costs_one_parked_step_then_prefill(tiny_model_dir, socket_dir):
