@@ -12,7 +12,6 @@ CPU).
 from __future__ import annotations
 
 import ctypes
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,44 +42,6 @@ class SegmentTable:
         return int(self.host.shape[0])
 
 
-class PinnedStaging:
-    """Page-locked buffers for the block ids' H2D, reused once the copy that read one has
-    run (pinning a fresh buffer per load cost more host time than the rest of the launch).
-    A buffer whose H2D may still be reading it is never written: then a fresh one is made."""
-
-    def __init__(self, slots: int = 8) -> None:
-        self._free: list[torch.Tensor] = []
-        self._busy: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-        self._slots = slots
-        self._lock = threading.Lock()  # (each copier has one user thread; cheap insurance)
-
-    def to_device(self, ids: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
-        """``ids`` on ``device``, copied asynchronously on ``stream``."""
-        with self._lock:
-            return self._to_device(ids, device, stream)
-
-    def _to_device(self, ids: np.ndarray, device: torch.device, stream: torch.cuda.Stream) -> torch.Tensor:
-        still = []
-        for event, buf in self._busy:
-            (self._free if event.query() else still).append(buf)
-        self._busy = still
-        n = ids.size
-        buf = next((b for b in self._free if b.numel() >= n), None)
-        if buf is None:
-            buf = torch.empty(max(n, 4096), dtype=torch.int32, pin_memory=True)
-        else:
-            self._free.remove(buf)
-        host = buf[:n]
-        host.numpy()[:] = ids.ravel()
-        with torch.cuda.stream(stream):
-            on_device = host.view(ids.shape).to(device, non_blocking=True)
-            read = torch.cuda.Event()
-            read.record(stream)
-        if len(self._busy) < self._slots:  # else let it go: at most ``slots`` are kept
-            self._busy.append((read, buf))
-        return on_device
-
-
 class PageCopier:
     def __init__(self, device: torch.device, unroll: int = 4, threads: int = 512,
                  blocks_per_sm: int = 8, streaming: bool = False) -> None:
@@ -94,7 +55,6 @@ class PageCopier:
         self._pages_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", arch, defines)
         self._threads = threads
         self._max_grid = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm
-        self._staging = PinnedStaging()
 
     @staticmethod
     def block_ids(src: Sequence[int], dst: Sequence[int], src_limit: int, dst_limit: int) -> np.ndarray:
@@ -104,10 +64,9 @@ class PageCopier:
         ids = np.empty((2, len(src)), dtype=np.int64)
         ids[0], ids[1] = src, dst
         if ids.size:
-            lo, hi = ids.min(axis=1), ids.max(axis=1)
-            if lo[1] < 0 or hi[1] >= dst_limit:
+            if ids[1].min() < 0 or ids[1].max() >= dst_limit:
                 raise TransferError("destination block out of range")
-            if lo[0] < 0 or hi[0] >= src_limit:
+            if ids[0].min() < 0 or ids[0].max() >= src_limit:
                 raise TransferError("source block out of range")
         return ids.astype(np.int32)
 
@@ -115,12 +74,12 @@ class PageCopier:
         """Enqueue on the current stream; returns its event and what must live until then."""
         if page_bytes % 16:
             raise TransferError("pages must be a multiple of 16 bytes")
-        stream = torch.cuda.current_stream(self.device)
-        on_device = self._staging.to_device(ids, self.device, stream)
+        pinned = torch.from_numpy(ids).pin_memory()
+        on_device = pinned.to(self.device, non_blocking=True)
         self.launch(table, on_device, page_bytes)
         event = torch.cuda.Event()
-        event.record(stream)
-        return event, (on_device, table)
+        event.record(torch.cuda.current_stream(self.device))
+        return event, (pinned, on_device, table)
 
     def launch(self, table: SegmentTable, ids_on_device: torch.Tensor, page_bytes: int) -> None:
         """The kernel alone, on the current stream, with the block ids already on the GPU."""
