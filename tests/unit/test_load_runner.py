@@ -73,7 +73,7 @@ def test_each_job_is_reported_once_and_good_pages_arrive(tmp_path):
     t0 = time.monotonic()
     first = runner.poll()
     assert "req-3" not in first.finished_requests  # stalled: not issued yet
-    rest = _drain(runner, 3)
+    rest = _drain(runner, 4 - len(first.finished_requests))  # (copies may be over already)
     assert time.monotonic() - t0 >= 0.3
     assert first.finished_requests | rest.finished_requests == {f"req-{i}" for i in range(4)}
     done = sorted(first.done_jobs + rest.done_jobs)
