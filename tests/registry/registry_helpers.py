@@ -154,3 +154,16 @@ def import_tokens(planner, request, keys, namespace: bytes, num_local_tokens: in
         planner._settle(state)
     getattr(planner._link, "flush", lambda: None)()  # releases posted are handled now
     return state.usable * planner._block_size if state.lease is not None else 0
+
+
+def parents(keys: list[bytes]) -> list[bytes]:
+    """The parent links an honest holder publishes with a prefix's keys."""
+    return [b""] + keys[:-1]
+
+
+def planner_request(rid: str, tokens: list[int]):
+    """What ImportPlanner reads of a vLLM Request."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(request_id=rid, num_tokens=len(tokens), all_token_ids=tokens,
+                           kv_transfer_params=None)

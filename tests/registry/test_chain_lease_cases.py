@@ -10,7 +10,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, import_tokens, namespace
+from registry_helpers import import_planner, import_tokens, namespace, parents, planner_request
 
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.hashing import PrefixKeys
@@ -22,13 +22,6 @@ from kvmkt_connector.registry.protocol import Lease
 NS = namespace("review2")
 
 
-def _parents(keys):
-    return [b""] + keys[:-1]
-
-
-def _request(rid, tokens):
-    return SimpleNamespace(request_id=rid, num_tokens=len(tokens), all_token_ids=tokens,
-                           kv_transfer_params=None)
 
 
 def _live_planner(registry, bs, verify_all_keys, usable=None):
@@ -100,14 +93,14 @@ def test_head_parent_legit_runs(registry, verify_all_keys, start, run):
     keys = PrefixKeys(root, bs).extend(tokens, upto=(start + run) * bs)
     holder = registry.connect("holder")
     holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=_parents(keys))
+    holder.publish(keys, list(range(len(keys))), parents=parents(keys))
     planner, link = _live_planner(registry, bs, verify_all_keys)
     calls = []
     orig = link.call
     link.call = lambda fn: calls.append(fn.__code__.co_names) or orig(fn)
     mine = PrefixKeys(root, bs)
     mine.extend(tokens, upto=(start + run + 2) * bs)  # extended earlier, past the run
-    assert import_tokens(planner, _request("r", tokens), mine, NS, start * bs) == run * bs
+    assert import_tokens(planner, planner_request("r", tokens), mine, NS, start * bs) == run * bs
     assert planner._requests["r"].keys == keys[start:]
     assert not any("lease" in names and "lease_chain" not in names for names in calls), calls
     link.close()
@@ -118,13 +111,13 @@ def test_parentless_middle_block_falls_back_to_every_key(registry):
     bs, root = 2, b"pl-root"
     tokens = list(range(300, 300 + 10 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    parents = _parents(keys)
-    parents[5] = b""
+    links = parents(keys)
+    links[5] = b""
     holder = registry.connect("holder")
     holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(10)), parents=parents)
+    holder.publish(keys, list(range(10)), parents=links)
     planner, link = _live_planner(registry, bs, False)
-    assert import_tokens(planner, _request("r", tokens), PrefixKeys(root, bs), NS, 0) == 10 * bs
+    assert import_tokens(planner, planner_request("r", tokens), PrefixKeys(root, bs), NS, 0) == 10 * bs
     assert planner._requests["r"].keys == keys
     link.close()
     holder.close()
@@ -145,15 +138,15 @@ def test_locations_outside_int64_are_refused_and_a_failing_check_is_a_miss(regis
     holder.register_holder(NS, "h", b"", b"d")
     for bad in (2**63, 2**64 - 1):  # (msgpack carries no int below -2^63)
         with pytest.raises(RegistryError, match="locations must be int64"):
-            holder.publish(keys, [0, 1, 2, bad], parents=_parents(keys))
-    holder.publish(keys, [0, 1, 2, 3], parents=_parents(keys))
+            holder.publish(keys, [0, 1, 2, bad], parents=parents(keys))
+    holder.publish(keys, [0, 1, 2, 3], parents=parents(keys))
 
     def broken_check(_desc, _locations):
         raise OverflowError("Python int too large to convert to C long")
 
     planner, link = _live_planner(registry, bs, False, usable=broken_check)
     try:
-        assert import_tokens(planner, _request("r", tokens), PrefixKeys(root, bs), NS, 0) == 0
+        assert import_tokens(planner, planner_request("r", tokens), PrefixKeys(root, bs), NS, 0) == 0
         with registry.connect("watch") as watch:
             assert watch.status().active_leases == 0  # its lease was given back
     finally:
@@ -195,7 +188,7 @@ def test_the_importer_caps_its_run_at_MAX_LEASE_RUN(monkeypatch):
     bs, root = 2, b"cap-root"
     tokens = list(range(50, 50 + 8 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    reg.publish(hid, keys, list(range(8)), _parents(keys))
+    reg.publish(hid, keys, list(range(8)), parents(keys))
 
     class Client:
         def post_lease_chain(self, ns, tail, blocks, ttl, head_parent=b"", excl=None):
@@ -215,7 +208,7 @@ def test_the_importer_caps_its_run_at_MAX_LEASE_RUN(monkeypatch):
                             MarketplaceStats(), lambda _d, locs: len(locs))
     planner.verify_all_keys = False
     mine = PrefixKeys(root, bs)
-    assert import_tokens(planner, _request("r", tokens), mine, NS, 0) == 5 * bs
+    assert import_tokens(planner, planner_request("r", tokens), mine, NS, 0) == 5 * bs
     with pytest.raises(FrameError):  # (the frame limit, at real sizes)
         encode_frame(Lease(NS, [b"k" * 16] * 470_000, 1000))
     assert mine.keys == [], "in-place lookup hashed every key: the chain was never leasable"

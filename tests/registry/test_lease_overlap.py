@@ -6,23 +6,15 @@ independent review of that change; the first three failed before its fixes."""
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, namespace
+from registry_helpers import import_planner, namespace, parents, planner_request
 
 from kvmkt_connector.hashing import PrefixKeys
 
 NS = namespace("review-ovl")
 
 
-def _parents(keys):
-    return [b""] + keys[:-1]
-
-
-def _request(rid, tokens):
-    return SimpleNamespace(request_id=rid, num_tokens=len(tokens), all_token_ids=tokens,
-                           kv_transfer_params=None)
 
 
 def _vllm_round(planner, req, keys, num_local):
@@ -49,6 +41,24 @@ def _vllm_round(planner, req, keys, num_local):
     return promised, computed
 
 
+def _holder_of(registry, keys):
+    holder = registry.connect("holder")
+    holder.register_holder(NS, "h", b"", b"d")
+    holder.publish(keys, list(range(len(keys))), parents=parents(keys))
+    return holder
+
+
+def _rounds(planner, req, keys, most: int) -> list[tuple[int, int | None]]:
+    """vLLM's admissions of ``req`` until it computes something or is promised nothing."""
+    rounds = []
+    for _ in range(most):
+        promised, computed = _vllm_round(planner, req, keys, 0)
+        rounds.append((promised, computed))
+        if promised == 0 or computed:
+            break
+    return rounds
+
+
 @pytest.mark.parametrize("check", ["incompatible", "rewritten"])
 def test_a_miss_after_the_promise_is_not_promised_again_forever(registry, check):
     """The table lists the prefix, but the lease is unusable: a holder of another transport
@@ -61,25 +71,18 @@ def test_a_miss_after_the_promise_is_not_promised_again_forever(registry, check)
     bs, root = 2, b"loop-root"
     tokens = list(range(1000, 1000 + 8 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=_parents(keys))
+    holder = _holder_of(registry, keys)
     usable = (lambda _d, _l: None) if check == "incompatible" else (lambda _d, _l: 0)
     planner, link = import_planner(registry.socket_path, bs, True, usable)
-    req = _request("r", tokens)
+    req = planner_request("r", tokens)
     mine = PrefixKeys(root, bs)
     try:
-        rounds = []
-        for _ in range(5):
-            promised, computed = _vllm_round(planner, req, mine, 0)
-            rounds.append((promised, computed))
-            if promised == 0 or computed:
-                break
+        rounds = _rounds(planner, req, mine, 5)
         assert rounds[-1][0] == 0 or rounds[-1][1], (
             f"vLLM re-queries the request with nothing computed and is promised blocks "
             f"again each time: {rounds}")
         assert len(rounds) == 2
-        other = _request("r2", tokens)
+        other = planner_request("r2", tokens)
         assert planner.match(other, PrefixKeys(root, bs), NS, 0) == 0  # known now: no promise
         assert planner._requests["r2"].asked is None
     finally:
@@ -92,22 +95,15 @@ def test_short_fault_on_a_one_block_lease_loops(registry):
     bs, root = 2, b"short-root"
     tokens = list(range(2000, 2000 + 1 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=_parents(keys))
+    holder = _holder_of(registry, keys)
     planner, link = import_planner(registry.socket_path, bs, True)
     import msgspec
 
     planner._cfg = msgspec.structs.replace(planner._cfg, allow_fault_injection=True)
-    req = _request("r", tokens)
+    req = planner_request("r", tokens)
     req.kv_transfer_params = {"kvmkt_fault": "short"}
     try:
-        rounds = []
-        for _ in range(4):
-            promised, computed = _vllm_round(planner, req, PrefixKeys(root, bs), 0)
-            rounds.append((promised, computed))
-            if promised == 0 or computed:
-                break
+        rounds = _rounds(planner, req, PrefixKeys(root, bs), 4)
         assert rounds[-1][0] == 0 or rounds[-1][1], rounds
     finally:
         link.close()
@@ -148,7 +144,7 @@ def test_probe_checkpoints_against_extend(seed):
 # ------------------------------------------------------------------ the pipelined client
 
 
-def test_pipelined_replies_go_to_their_own_request(registry):
+def test_pipelined_replies_go_to_their_ownplanner_request(registry):
     import threading
 
     from kvmkt_connector.registry.client import RegistryUnavailable
@@ -157,9 +153,7 @@ def test_pipelined_replies_go_to_their_own_request(registry):
     bs, root = 2, b"pipe-root"
     tokens = list(range(3000, 3000 + 6 * bs))
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(6)), parents=_parents(keys))
+    holder = _holder_of(registry, keys)
     c = registry.connect("imp")
     a = c.post_lease_chain(NS, keys[2], 3, 10_000)
     c.release_leases_later([123456])  # unknown id: Ok, read by nobody
@@ -222,15 +216,13 @@ def test_a_hung_registry_costs_one_timeout_not_two(registry):
     bs, root = 2, b"hung-root"
     tokens = list(range(4000, 4000 + 8 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=_parents(keys))
+    holder = _holder_of(registry, keys)
     cfg = MarketplaceConfig(registry_socket=registry.socket_path, registry_autostart=False,
                             min_import_tokens=bs, registry_timeout_ms=400)
     stats = MarketplaceStats()
     link = RegistryLink(cfg, "importer", stats)
     planner = ImportPlanner(cfg, bs, link, stats, lambda _d, locs: len(locs))
-    req = _request("r", tokens)
+    req = planner_request("r", tokens)
     pid = registry.proc.pid
     assert link.call(lambda c: c.status()) is not None  # connected, table mapped
     assert link.hint(list(keys)) == len(keys)

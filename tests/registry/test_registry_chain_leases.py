@@ -5,10 +5,9 @@ of its own and leases by every key when they are not whole or do not match."""
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, import_tokens, namespace
+from registry_helpers import import_planner, import_tokens, namespace, parents, planner_request
 
 from kvmkt_connector.registry import index
 from kvmkt_connector.registry.framing import encode_frame
@@ -24,9 +23,6 @@ def _keys(label: str, n: int) -> list[bytes]:
     return [f"{label}{i:05d}".encode().ljust(16, b".") for i in range(n)]
 
 
-def _parents(keys: list[bytes]) -> list[bytes]:
-    return [b""] + keys[:-1]
-
 
 def _holder(reg: PrefixRegistry, name: str) -> int:
     return reg.register_holder(namespace=NS, name=name, pid=1).holder_id
@@ -36,8 +32,8 @@ def test_a_whole_chain_is_leased_from_its_last_key() -> None:
     reg = PrefixRegistry(1000)
     a = _holder(reg, "a")
     keys = _keys("a", 12)
-    reg.publish(a, keys[:5], [50 + i for i in range(5)], _parents(keys)[:5])
-    reg.publish(a, keys[5:], [50 + i for i in range(5, 12)], _parents(keys)[5:])  # a later step
+    reg.publish(a, keys[:5], [50 + i for i in range(5)], parents(keys)[:5])
+    reg.publish(a, keys[5:], [50 + i for i in range(5, 12)], parents(keys)[5:])  # a later step
     grant = reg.lease_chain(NS, keys[-1], 12, 1000)
     assert grant.keys == keys and grant.locations == [50 + i for i in range(12)]
     assert reg.active_leases == 1 and reg.holder(a).leased == 12
@@ -55,7 +51,7 @@ def test_a_broken_or_unlinked_chain_is_no_match() -> None:
     reg = PrefixRegistry(1000)
     a = _holder(reg, "a")
     keys = _keys("a", 8)
-    reg.publish(a, keys, list(range(8)), _parents(keys))
+    reg.publish(a, keys, list(range(8)), parents(keys))
     reg.unpublish(a, [3])  # a block in the middle goes
     assert reg.lease_chain(NS, keys[-1], 8, 1000) is None
     assert reg.lease_chain(NS, keys[-1], 4, 1000, head_parent=keys[3]).keys == keys[4:]
@@ -70,8 +66,8 @@ def test_the_chain_comes_from_one_holder_that_lists_all_of_it() -> None:
     reg = PrefixRegistry(1000)
     a, b = _holder(reg, "a"), _holder(reg, "b")
     keys = _keys("k", 6)
-    reg.publish(a, keys, list(range(6)), _parents(keys))
-    reg.publish(b, keys[3:], list(range(3)), _parents(keys)[3:])  # b lacks the first half
+    reg.publish(a, keys, list(range(6)), parents(keys))
+    reg.publish(b, keys[3:], list(range(3)), parents(keys)[3:])  # b lacks the first half
     grant = reg.lease_chain(NS, keys[-1], 6, 1000)  # b is newer but broken: a answers
     assert grant.holder_id == a and grant.locations == list(range(6))
     assert reg.lease_chain(NS, keys[-1], 3, 1000, head_parent=keys[2]).holder_id == b  # newest
@@ -104,7 +100,7 @@ def test_a_lease_reply_fits_a_frame(monkeypatch) -> None:
     reg = PrefixRegistry(1000)
     a = _holder(reg, "a")
     keys = _keys("m", 9)
-    reg.publish(a, keys, list(range(9)), _parents(keys))
+    reg.publish(a, keys, list(range(9)), parents(keys))
     assert reg.lease(NS, keys, 1000).keys == keys[:5]
     assert reg.lease_chain(NS, keys[4], 5, 1000) is not None
     assert reg.lease_chain(NS, keys[5], 6, 1000) is None
@@ -116,7 +112,7 @@ def test_a_republish_updates_the_links() -> None:
     keys = _keys("r", 4)
     reg.publish(a, keys, list(range(4)))  # no links yet
     assert reg.lease_chain(NS, keys[-1], 4, 1000) is None
-    reg.publish(a, keys, list(range(4)), _parents(keys))  # same locations, now linked
+    reg.publish(a, keys, list(range(4)), parents(keys))  # same locations, now linked
     assert reg.lease_chain(NS, keys[-1], 4, 1000).keys == keys
 
 
@@ -126,10 +122,6 @@ def test_a_republish_updates_the_links() -> None:
 def _planner(registry, bs: int, verify_all_keys: bool = True):
     return import_planner(registry.socket_path, bs, verify_all_keys)
 
-
-def _request(rid: str, tokens: list[int]) -> SimpleNamespace:
-    return SimpleNamespace(request_id=rid, num_tokens=len(tokens), all_token_ids=tokens,
-                           kv_transfer_params=None)  # fmt: skip
 
 
 @pytest.mark.parametrize("verify_all_keys", [False, True], ids=["in-place", "staged"])
@@ -145,16 +137,16 @@ def test_the_importer_leases_by_the_last_key(registry, verify_all_keys) -> None:
     keys = PrefixKeys(root, bs).extend(shared)
     holder = registry.connect("holder")
     holder.register_holder(NS, "holder", b"", b"d")
-    holder.publish(keys, list(range(100, 140)), parents=_parents(keys))
+    holder.publish(keys, list(range(100, 140)), parents=parents(keys))
     planner, link = _planner(registry, bs, verify_all_keys)
     prompt = shared + list(range(7, 7 + 9 * bs + 1))
     mine = PrefixKeys(root, bs)
-    assert import_tokens(planner, _request("r0", prompt), mine, NS, 0) == 40 * bs
+    assert import_tokens(planner, planner_request("r0", prompt), mine, NS, 0) == 40 * bs
     assert mine.keys == (keys if verify_all_keys else [])
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 140))
     # A local prefix-cache hit on the first 10 blocks: the lease starts there.
-    assert import_tokens(planner, _request("r1", prompt), PrefixKeys(root, bs), NS, 10 * bs) == 30 * bs
+    assert import_tokens(planner, planner_request("r1", prompt), PrefixKeys(root, bs), NS, 10 * bs) == 30 * bs
     assert planner._requests["r1"].keys == keys[10:]
     link.close()
     holder.close()
@@ -176,7 +168,7 @@ def _lied_to(registry, caplog, verify_all_keys: bool, lie) -> None:
     holder.publish(keys, list(range(100, 116)), parents=lie(holder, keys, other))
     planner, link = _planner(registry, bs, verify_all_keys)
     with caplog.at_level(logging.WARNING):
-        assert import_tokens(planner, _request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
+        assert import_tokens(planner, planner_request("r0", tokens + [1]), PrefixKeys(root, bs), NS, 0) == 16 * bs
     assert "parent links do not match" in caplog.text
     state = planner._requests["r0"]
     assert state.keys == keys and state.lease.locations == list(range(100, 116))
@@ -192,8 +184,8 @@ def test_links_that_do_not_match_the_prompt_are_not_trusted(registry, caplog, ve
     (the first of them not ours), for in-place and staged importers alike."""
 
     def lie(holder, keys, other):
-        holder.publish(other, list(range(200, 215)), parents=_parents(other))
-        return _parents(keys)[:-1] + [other[-1]]
+        holder.publish(other, list(range(200, 215)), parents=parents(other))
+        return parents(keys)[:-1] + [other[-1]]
 
     _lied_to(registry, caplog, verify_all_keys, lie)
 
@@ -206,8 +198,8 @@ def test_staged_copies_trust_no_link_they_did_not_check(registry, caplog) -> Non
 
     def lie(holder, keys, other):
         holder.publish([other[1]], [200], parents=[keys[0]])
-        parents = _parents(keys)
-        parents[2] = other[1]
-        return parents
+        links = parents(keys)
+        links[2] = other[1]
+        return links
 
     _lied_to(registry, caplog, True, lie)
