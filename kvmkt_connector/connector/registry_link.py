@@ -160,7 +160,7 @@ class RegistryLink:
             logger.info("kvmkt: could not release leases %s: %s", lease_ids, e)
 
     def flush(self) -> None:
-        """Wait until the registry handled what we posted (tests; orderly shutdown)."""
+        """Wait until the registry handled what we posted (tests and benchmarks)."""
         if self._client is not None:
             with contextlib.suppress(RegistryUnavailable):
                 self._client.drain()

@@ -167,3 +167,14 @@ def planner_request(rid: str, tokens: list[int]):
 
     return SimpleNamespace(request_id=rid, num_tokens=len(tokens), all_token_ids=tokens,
                            kv_transfer_params=None)
+
+
+def linked_holder(registry, ns: bytes, keys: list[bytes], locations: list[int] | None = None,
+                  links: list[bytes] | None = None):
+    """A holder connection that published ``keys`` (at ``0..`` unless ``locations``) with
+    their parent links (honest ones unless ``links``)."""
+    holder = registry.connect("holder")
+    holder.register_holder(ns, "h", b"", b"d")
+    holder.publish(keys, list(range(len(keys))) if locations is None else locations,
+                   parents=parents(keys) if links is None else links)
+    return holder

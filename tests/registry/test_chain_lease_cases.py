@@ -10,7 +10,14 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from registry_helpers import import_planner, import_tokens, namespace, parents, planner_request
+from registry_helpers import (
+    import_planner,
+    import_tokens,
+    linked_holder,
+    namespace,
+    parents,
+    planner_request,
+)
 
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.hashing import PrefixKeys
@@ -91,9 +98,7 @@ def test_head_parent_legit_runs(registry, verify_all_keys, start, run):
     bs, root = 2, b"hp-root"
     tokens = list(range(100, 100 + (start + run) * bs)) + [7] * (3 * bs)
     keys = PrefixKeys(root, bs).extend(tokens, upto=(start + run) * bs)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=parents(keys))
+    holder = linked_holder(registry, NS, keys)
     planner, link = _live_planner(registry, bs, verify_all_keys)
     calls = []
     orig = link.call
@@ -113,9 +118,7 @@ def test_parentless_middle_block_falls_back_to_every_key(registry):
     keys = PrefixKeys(root, bs).extend(tokens)
     links = parents(keys)
     links[5] = b""
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(10)), parents=links)
+    holder = linked_holder(registry, NS, keys, links=links)
     planner, link = _live_planner(registry, bs, False)
     assert import_tokens(planner, planner_request("r", tokens), PrefixKeys(root, bs), NS, 0) == 10 * bs
     assert planner._requests["r"].keys == keys

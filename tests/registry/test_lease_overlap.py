@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from registry_helpers import import_planner, namespace, parents, planner_request
+from registry_helpers import import_planner, linked_holder, namespace, planner_request
 
 from kvmkt_connector.hashing import PrefixKeys
 
@@ -41,13 +41,6 @@ def _vllm_round(planner, req, keys, num_local):
     return promised, computed
 
 
-def _holder_of(registry, keys):
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "h", b"", b"d")
-    holder.publish(keys, list(range(len(keys))), parents=parents(keys))
-    return holder
-
-
 def _rounds(planner, req, keys, most: int) -> list[tuple[int, int | None]]:
     """vLLM's admissions of ``req`` until it computes something or is promised nothing."""
     rounds = []
@@ -71,7 +64,7 @@ def test_a_miss_after_the_promise_is_not_promised_again_forever(registry, check)
     bs, root = 2, b"loop-root"
     tokens = list(range(1000, 1000 + 8 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = _holder_of(registry, keys)
+    holder = linked_holder(registry, NS, keys)
     usable = (lambda _d, _l: None) if check == "incompatible" else (lambda _d, _l: 0)
     planner, link = import_planner(registry.socket_path, bs, True, usable)
     req = planner_request("r", tokens)
@@ -95,7 +88,7 @@ def test_short_fault_on_a_one_block_lease_loops(registry):
     bs, root = 2, b"short-root"
     tokens = list(range(2000, 2000 + 1 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = _holder_of(registry, keys)
+    holder = linked_holder(registry, NS, keys)
     planner, link = import_planner(registry.socket_path, bs, True)
     import msgspec
 
@@ -153,7 +146,7 @@ def test_pipelined_replies_go_to_their_ownplanner_request(registry):
     bs, root = 2, b"pipe-root"
     tokens = list(range(3000, 3000 + 6 * bs))
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = _holder_of(registry, keys)
+    holder = linked_holder(registry, NS, keys)
     c = registry.connect("imp")
     a = c.post_lease_chain(NS, keys[2], 3, 10_000)
     c.release_leases_later([123456])  # unknown id: Ok, read by nobody
@@ -216,7 +209,7 @@ def test_a_hung_registry_costs_one_timeout_not_two(registry):
     bs, root = 2, b"hung-root"
     tokens = list(range(4000, 4000 + 8 * bs)) + [1]
     keys = PrefixKeys(root, bs).extend(tokens)
-    holder = _holder_of(registry, keys)
+    holder = linked_holder(registry, NS, keys)
     cfg = MarketplaceConfig(registry_socket=registry.socket_path, registry_autostart=False,
                             min_import_tokens=bs, registry_timeout_ms=400)
     stats = MarketplaceStats()

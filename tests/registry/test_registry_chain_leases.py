@@ -7,7 +7,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from registry_helpers import import_planner, import_tokens, namespace, parents, planner_request
+from registry_helpers import (
+    import_planner,
+    import_tokens,
+    linked_holder,
+    namespace,
+    parents,
+    planner_request,
+)
 
 from kvmkt_connector.registry import index
 from kvmkt_connector.registry.framing import encode_frame
@@ -135,9 +142,7 @@ def test_the_importer_leases_by_the_last_key(registry, verify_all_keys) -> None:
     bs, root = 4, b"chain-root"
     shared = list(range(1000, 1000 + 40 * bs))
     keys = PrefixKeys(root, bs).extend(shared)
-    holder = registry.connect("holder")
-    holder.register_holder(NS, "holder", b"", b"d")
-    holder.publish(keys, list(range(100, 140)), parents=parents(keys))
+    holder = linked_holder(registry, NS, keys, list(range(100, 140)))
     planner, link = _planner(registry, bs, verify_all_keys)
     prompt = shared + list(range(7, 7 + 9 * bs + 1))
     mine = PrefixKeys(root, bs)
