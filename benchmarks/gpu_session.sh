@@ -10,7 +10,7 @@
 #   tests-shm  tests/gpu over transport host_shm (page-locked shared host memory)
 #   transport  benchmarks/transport_bench.py --sweep (kernel launch shapes, host_shm rows)
 #   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
-#   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot)
+#   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot); TTFT_ARGS="--reps 10" for more calls
 #   soak     benchmarks/soak.py: >= 10k import cycles A -> B checked against R, resources at
 #            start and end (timeout 420 s, so "install soak" fits one 580 s call)
 #   serve    benchmarks/serve_bench.py: `vllm serve` exporter/importer/no-connector and an
@@ -75,7 +75,7 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       for f in /tmp/kvmkt-demo/engine-*.log; do cp "$f" "$OUT/logs/demo-$(basename "$f")"; done
       ;;
     ttft)
-      run ttft python3 benchmarks/ttft_bench.py --out "$OUT"
+      run ttft python3 benchmarks/ttft_bench.py --out "$OUT" ${TTFT_ARGS:-}
       if [ "${KVMKT_TRACE:-}" = 1 ]; then
         run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
       fi

@@ -181,7 +181,7 @@ class ExportLedger:
             self._remember(new_keys, slots, locations)  # published once the copy is done
         else:
             assert self._gens is not None
-            self._withdraw([b for b in blocks if b in self._listed])  # held another key
+            self._withdraw(blocks)  # those that held another key
             locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents))
@@ -252,31 +252,35 @@ class ExportLedger:
         if self._gens is None or not block_ids:
             return
         self._gens.bump(block_ids)
-        self._withdraw([b for b in block_ids if b in self._listed])
+        self._withdraw(block_ids)
 
     def _withdraw(self, indices: list[int]) -> None:
-        """Stop listing (in place); the registry's answer needs no waiting for."""
-        locations = [self._listed[i][1] for i in indices]
-        self._forget(indices)
+        """Stop listing those listed (in place); the registry's answer needs no waiting for."""
+        locations = self._forget(indices)
         if locations:
             self._channel.unpublish(locations)
 
     # ------------------------------------------------------------ release
 
-    def _forget(self, indices: list[int]) -> None:
-        """Not offered any more: in place, nothing else to do; staged, the slot is free."""
-        forgotten = 0
-        for index in indices:
-            entry = self._listed.pop(index, None)
-            if entry is None:
-                continue  # not held (already released): never free a slot twice
-            forgotten += 1
-            self._index_of.pop(entry[0], None)
-            self._tokens.pop(entry[0], None)
-            if self.staged:
-                self._free_slots.append(index)
-        if forgotten:
-            self._stats.count("released_blocks", forgotten)
+    def _forget(self, indices: list[int]) -> list[int]:
+        """Not offered any more: in place, nothing else to do; staged, the slot is free.
+        Returns the locations the forgotten ones were listed at. (One pass, no per-block
+        calls: an import's allocation can rewrite thousands of listed blocks, in the step
+        that parks the request.)"""
+        pop = self._listed.pop
+        gone = [(i, e) for i in indices if (e := pop(i, None)) is not None]
+        if not gone:  # (not held, or already released: never free a slot twice)
+            return []
+        index_of = self._index_of
+        for _, (key, _) in gone:
+            index_of.pop(key, None)
+        if self._tokens:
+            for _, (key, _) in gone:
+                self._tokens.pop(key, None)
+        if self.staged:
+            self._free_slots.extend(i for i, _ in gone)
+        self._stats.count("released_blocks", len(gone))
+        return [loc for _, (_, loc) in gone]
 
     def _released(self, locations: list[int]) -> None:
         """The registry no longer lists these locations (LRU, reclaim, unpublish)."""
@@ -317,9 +321,7 @@ class ExportLedger:
         self._cancelled.update(self._staging)
         self._waiting.clear()
         staging = self._staging_slots()
-        listed = [i for i in self._listed if i not in staging]
-        locations = [self._listed[i][1] for i in listed]
-        self._forget(listed)
+        locations = self._forget([i for i in self._listed if i not in staging])
         if locations and unpublish:
             self._channel.unpublish(locations)
         self._update_gauges()

@@ -298,6 +298,8 @@ class MarketplaceScheduler:
             self._ledger.on_blocks_rewritten(dst)  # our import writes them
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
+        if self._trace:
+            trace(logger, "-", "meta-start")
         if self._not_run:
             scheduled = scheduler_output.num_scheduled_tokens
             self._not_run = {r for r in self._not_run if r not in scheduled}

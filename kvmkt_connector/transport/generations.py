@@ -103,8 +103,8 @@ class GenerationTable:
 
     def bump(self, block_ids: list[int] | np.ndarray) -> None:
         """Blocks about to be rewritten: no location published before stays valid."""
-        if len(block_ids):
-            idx = np.unique(np.asarray(block_ids, dtype=np.int64))
+        if len(block_ids):  # (a block listed twice gets the same new value twice)
+            idx = np.asarray(block_ids, dtype=np.int64)
             self.generations[idx] = next_generations(self.generations[idx])
 
     def bump_all(self) -> None:
