@@ -12,8 +12,10 @@ Workloads, each measured ``--reps`` times with a fresh random prefix, one reques
   chat  shared system prompt of 2k/4k/8k tokens + a unique ~100-token user turn
   doc   a document of 4k/16k/30k tokens read on A, then asked about on B (+ ~30 tokens)
 Arms: recompute (R, connector off), import (B, prefix exported by A), local hit (B again,
-same prefix, now in its own cache). Ratio = import / (local hit + KV bytes / copy peak),
-with the copy peak measured in this run (1 GiB torch copy GPU0 -> GPU1).
+same prefix, now in its own cache, after A and R prefilled prompts as long: the import's
+conditions, B idle meanwhile), warm hit (the same, right after the import). Ratio = import /
+(local hit + KV bytes / copy peak), with the copy peak measured in this run (1 GiB torch copy
+GPU0 -> GPU1); "warm" divides by the warm hit instead.
 
 Overhead: (1) no shared prefixes, connector on (B) vs off (R): output tokens/s; (2) the
 exporter's (A's) tokens/s alone vs while B imports from it in a loop (pair only: on one GPU
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
         rows = []
         for workload, lengths, suffix in (("chat", CHAT, 100), ("doc", DOC, 30)):
             for length in lengths:
-                res = {"recompute": [], "import": [], "local hit": []}
+                res = {"recompute": [], "import": [], "local hit": [], "warm hit": []}
                 imported = []
                 for _ in range(args.reps):
                     prefix = toks(length)
@@ -128,12 +130,19 @@ def main(argv=None) -> int:
                     t_sub = time.monotonic_ns()
                     (imp,) = b.generate([prefix + toks(suffix)], max_tokens=1)
                     print(f"import-call {t_sub} {time.monotonic_ns()} {length}", flush=True)
+                    (warm,) = b.generate([prefix + toks(suffix)], max_tokens=1)
+                    # The local hit under the import's conditions: B idle while A and R
+                    # prefill as long a prompt (right after the import, B is still warm).
+                    a.generate([toks(length + suffix)], max_tokens=1)
+                    time.sleep(0.05)
+                    r.generate([toks(length + suffix)], max_tokens=1)
                     t_sub = time.monotonic_ns()
                     (hit,) = b.generate([prefix + toks(suffix)], max_tokens=1)
                     print(f"hit-call {t_sub} {time.monotonic_ns()} {length}", flush=True)
                     res["recompute"].append(rec.seconds)
                     res["import"].append(imp.seconds)
                     res["local hit"].append(hit.seconds)
+                    res["warm hit"].append(warm.seconds)
                     imported.append(imp.imported_tokens)
                 rows.append(dict(workload=workload, prefix=length, imported=imported, **res))
                 print(f"{workload} {length}: " + ", ".join(
@@ -221,17 +230,19 @@ def report(rows, over, peak, pair, out_dir) -> None:
 
     print("\n== TTFT (ms): mean / p90 per arm ==")
     print(f"{'workload':<6}{'prefix':>7}{'recompute':>16}{'import':>16}{'local hit':>16}"
-          f"{'imported':>9}{'eff GB/s':>9}{'ratio':>7}")
+          f"{'warm hit':>16}{'imported':>9}{'eff GB/s':>9}{'ratio':>7}{'warm':>6}")
     for row in rows:
-        m = {k: statistics.mean(row[k]) for k in ("recompute", "import", "local hit")}
+        arms = ("recompute", "import", "local hit", "warm hit")
+        m = {k: statistics.mean(row[k]) for k in arms if k in row}
         kv = statistics.mean(row["imported"]) * KV_BYTES_PER_TOKEN
         extra = m["import"] - m["local hit"]
         eff = kv / extra / 1e9 if extra > 0 else float("inf")
         ratio = m["import"] / (m["local hit"] + kv / (peak * 1e9))
-        cells = "".join(f"{m[k] * 1e3:>8.1f}/{p90(row[k]) * 1e3:<7.1f}"
-                        for k in ("recompute", "import", "local hit"))
+        warm = m["import"] / (m["warm hit"] + kv / (peak * 1e9)) if "warm hit" in m else float("nan")
+        cells = "".join(f"{m[k] * 1e3:>8.1f}/{p90(row[k]) * 1e3:<7.1f}" if k in m else f"{'-':>16}"
+                        for k in arms)
         print(f"{row['workload']:<6}{row['prefix']:>7}{cells}{min(row['imported']):>9}"
-              f"{eff:>9.0f}{ratio:>7.2f}")
+              f"{eff:>9.0f}{ratio:>7.2f}{warm:>6.2f}")
     print("\n== overhead (output tokens/s) ==")
     on, off = over["connector_on_tok_s"], over["connector_off_tok_s"]
     print(f"no shared prefixes: connector on {on:.0f}, off {off:.0f} ({(on / off - 1) * 100:+.2f} %)")
