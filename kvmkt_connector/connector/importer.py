@@ -83,7 +83,7 @@ class _Planned:
     job_id: int
     request_id: str
     dst: list[int]
-    fault: tuple[str | None, float]  # test faults only
+    fault: tuple[str | None, float, int]  # test faults only: fault, stall, TP rank (-1: all)
 
 
 @dataclass
@@ -284,14 +284,15 @@ class ImportPlanner:
         trace(logger, request.request_id, "allocated")
         return dst
 
-    def _fault_for(self, request: Request) -> tuple[str | None, float]:
+    def _fault_for(self, request: Request) -> tuple[str | None, float, int]:
         if not self._cfg.allow_fault_injection:
-            return None, 0.0
+            return None, 0.0, -1
         params = request.kv_transfer_params or {}
         fault = params.get("kvmkt_fault")
         if fault not in FAULTS:
-            return None, 0.0
-        return fault, float(params.get("kvmkt_stall_s", 0.0))
+            return None, 0.0, -1
+        return (fault, float(params.get("kvmkt_stall_s", 0.0)),
+                int(params.get("kvmkt_fault_rank", -1)))
 
     def take_jobs(self) -> list[LoadJob]:
         """This step's copy jobs. A lease shorter than what vLLM allocated for (the table's
@@ -319,7 +320,7 @@ class ImportPlanner:
                 # lease (a neighbour we cannot read would otherwise be promised every time).
                 state.failed = True
                 self._wait_for_leases_until = time.monotonic() + _WAIT_AFTER_EMPTY_S
-            fault, stall_s = plan.fault if n else (None, 0.0)
+            fault, stall_s, fault_rank = plan.fault if n else (None, 0.0, -1)
             jobs.append(LoadJob(
                 job_id=plan.job_id,
                 request_id=plan.request_id,
@@ -330,6 +331,7 @@ class ImportPlanner:
                 keys=state.keys[:n],
                 fault=fault,
                 stall_s=stall_s,
+                fault_rank=fault_rank,
             ))  # fmt: skip
             self._inflight[plan.job_id] = _Inflight(
                 state.epoch, lease.lease_id if lease else None, plan.request_id,

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -86,6 +87,8 @@ class LoadRunner:
     # ------------------------------------------------------------ issue
 
     def submit(self, job: LoadJob) -> None:
+        if job.fault is not None and job.fault_rank not in (-1, self._rank):
+            job = msgspec.structs.replace(job, fault=None, stall_s=0.0)  # another rank's
         if not job.src:
             self._nothing_to_copy.append(job)
             return

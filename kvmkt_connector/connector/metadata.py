@@ -38,6 +38,7 @@ class LoadJob(msgspec.Struct, frozen=True):
     keys: list[bytes]  # block keys, for transports that can verify what they read
     fault: str | None = None  # test faults only, see importer.FAULTS
     stall_s: float = 0.0  # test fault "stall*": issue the copy this much later
+    fault_rank: int = -1  # the test fault hits this TP rank only (-1: every rank)
 
 
 class SaveJob(msgspec.Struct, frozen=True):

@@ -102,6 +102,7 @@ def _serve(conn: Any, llm_kwargs: dict[str, Any], env: dict[str, str], log_path:
                     "model_runner": "V2" if cfg.use_v2_model_runner else "V1",
                     "device": str(cfg.device_config.device_type),
                     "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
+                    "tensor_parallel_size": cfg.parallel_config.tensor_parallel_size,
                 }))
             elif cmd == "metrics":
                 conn.send(("ok", [(m.name, getattr(m, "value", getattr(m, "count", None)))
