@@ -50,6 +50,7 @@ from kvmkt_connector.registry.protocol import (
 FUZZERS = 4
 FRAMES = 4000  # per fuzzer
 VALID_NS, FUZZ_NS = namespace("valid"), namespace("fuzz-holders")
+FILL_NS = namespace("filler")
 INTS = [0, 1, 2, 7, 63, -1, -(1 << 63), (1 << 63) - 1, (1 << 64) - 1, 1 << 32, (1 << 62) + 5]
 ALLOWED_ERRORS = {"bad_request", "lease_limit"}  # for a well-formed request of a holder
 
@@ -236,6 +237,12 @@ def test_fuzzed_holder_requests_never_hurt_valid_clients(start_registry) -> None
     holder.register_holder(VALID_NS, "valid-holder", b"", b"desc")
     holder.publish(valid_keys, list(range(64)))
     importer = registry.connect("valid-importer")
+    # How far the fuzzers' own publishes fill the registry depends on how their threads
+    # interleave (a closed connection drops a holder's entries): a valid holder goes over
+    # the capacity now and then, so LRU eviction runs during every fuzz.
+    filler = registry.connect("filler")
+    filler.register_holder(FILL_NS, "filler", b"", b"desc")
+    filler_keys = chain(FILL_NS, list(range(150 * 4)))
     errors: list[str] = []
     rounds, full, none = [0], [0], [0]
     stop = threading.Event()
@@ -243,6 +250,8 @@ def test_fuzzed_holder_requests_never_hurt_valid_clients(start_registry) -> None
     def valid_traffic() -> None:
         while not stop.is_set():
             try:
+                if rounds[0] % 25 == 0:
+                    filler.publish(filler_keys, list(range(150)))
                 # The fuzzers' publishes may evict ours (capacity) between these two calls:
                 # then a grant is shorter or none, but still a prefix of ours, and what the
                 # registry hands back to our holder was ours.
@@ -279,8 +288,9 @@ def test_fuzzed_holder_requests_never_hurt_valid_clients(start_registry) -> None
     assert not errors, errors[:5]
     assert full[0] > 0 and all(f.registrations > 1 and f.granted > 0 for f in fuzzers)
     # The fuzzers are gone: so are their holders, entries, leases and table bits.
+    filler.close()
     holder.publish(valid_keys, list(range(64)))
-    wait_until(lambda: holder.status().active_leases == 0, 2.0)
+    wait_until(lambda: holder.status().active_leases == 0 and len(holder.status().holders) == 1, 2.0)
     status = holder.status()
     assert [h.holder_id for h in status.holders] == [holder.holder_id]
     assert status.published_blocks == 64 and status.holders_lost >= FUZZERS
