@@ -3,8 +3,8 @@
     python benchmarks/trace_breakdown.py OUT/ttft.log OUT/logs/ttft-engine-B.log
 
 ttft_bench prints ``import-call <submit ns> <done ns> <prefix>`` around each timed import
-(``hit-call`` around the local hit on the same prefix right after: the same events, for
-comparison);
+(``hit-call`` around the local hit on the same prefix, measured under the import's
+conditions: the same events, for comparison);
 the importer's log holds ``kvmkt-trace <ns> <request|-> <event>`` lines (CLOCK_MONOTONIC,
 shared by the processes of a host). For each import the events inside its window are
 put in order, repeated step events numbered (``step-meta.2``: the second step scheduled in

@@ -211,8 +211,9 @@ def report(rows, over, peak, pair, out_dir) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for arm, style in (("recompute", "o-"), ("import", "s-"), ("local hit", "^-")):
-            pts = sorted((row["prefix"], statistics.mean(row[arm]) * 1e3) for row in rows)
+        for arm, style in (("recompute", "o-"), ("import", "s-"), ("local hit", "^-"),
+                           ("warm hit", "v:")):
+            pts = sorted((row["prefix"], statistics.mean(row[arm]) * 1e3) for row in rows if arm in row)
             ax.plot([p for p, _ in pts], [t for _, t in pts], style, label=arm)
         ax.set_xlabel("shared prefix (tokens)")
         ax.set_ylabel("TTFT (ms, mean)")

@@ -291,8 +291,11 @@ class ImportPlanner:
         fault = params.get("kvmkt_fault")
         if fault not in FAULTS:
             return None, 0.0, -1
-        return (fault, float(params.get("kvmkt_stall_s", 0.0)),
-                int(params.get("kvmkt_fault_rank", -1)))
+        try:
+            return (fault, float(params.get("kvmkt_stall_s", 0.0)),
+                    int(params.get("kvmkt_fault_rank", -1)))
+        except (TypeError, ValueError):  # never let a malformed test parameter into vLLM
+            return None, 0.0, -1
 
     def take_jobs(self) -> list[LoadJob]:
         """This step's copy jobs. A lease shorter than what vLLM allocated for (the table's

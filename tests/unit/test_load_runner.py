@@ -35,8 +35,9 @@ def _setup(tmp_path):
     exporter = HostShmExporter(src_layout, region)
     dst = _caches(fill=0.0)
     layout = KVPageLayout(dst, NB)
-    runner = LoadRunner(layout, 0, MarketplaceStats(), shm_importer=HostShmImporter(layout))
-    return src, dst, region, exporter, runner
+    importer = HostShmImporter(layout)
+    runner = LoadRunner(layout, 0, MarketplaceStats(), shm_importer=importer)
+    return src, dst, region, exporter, runner, importer
 
 
 def _job(job_id, region, slots, dst, keys, **kw):
@@ -63,7 +64,7 @@ def _drain(runner, jobs, timeout=10.0) -> LoadResults:
 
 
 def test_each_job_is_reported_once_and_good_pages_arrive(tmp_path):
-    src, dst, region, exporter, runner = _setup(str(tmp_path))
+    src, dst, region, exporter, runner, importer = _setup(str(tmp_path))
     keys = [bytes([i + 1]) * 16 for i in range(6)]
     exporter.save([3, 4, 5, 6, 7, 8], list(range(6)), keys)
     runner.submit(_job(0, region, [0, 1, 2], [10, 11, 12], keys[:3]))  # good
@@ -84,12 +85,13 @@ def test_each_job_is_reported_once_and_good_pages_arrive(tmp_path):
         assert torch.equal(dst[name][[10, 11, 12]], src[name][[3, 4, 5]])
         assert torch.equal(dst[name][[5, 6]], src[name][[6, 7]])
     runner.close()
+    importer.close()  # its sweeper thread must not free tensors at interpreter exit
     region.close()
 
 
 def test_a_slot_restaged_during_a_stall_is_caught(tmp_path):
     """The exporter reuses the slot between lease and copy: the key check fails the job."""
-    src, dst, region, exporter, runner = _setup(str(tmp_path))
+    src, dst, region, exporter, runner, importer = _setup(str(tmp_path))
     keys = [b"\x01" * 16, b"\x02" * 16]
     exporter.save([1, 2], [0, 1], keys)
     runner.submit(_job(0, region, [0, 1], [4, 5], keys, fault="stall", stall_s=0.2))
@@ -97,4 +99,5 @@ def test_a_slot_restaged_during_a_stall_is_caught(tmp_path):
     out = _drain(runner, 1)
     assert out.failed_jobs == [0] and out.failed_blocks == {4, 5}
     runner.close()
+    importer.close()  # its sweeper thread must not free tensors at interpreter exit
     region.close()
