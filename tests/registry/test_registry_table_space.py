@@ -100,7 +100,7 @@ def test_on_real_full_tmpfs_file_systems(socket_dir) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["big"] == errno.ENOSPC and out["left_behind"] == []
     # Grown once (2048 slots fit in 64 KiB), then re-laid in place with the rest left out.
-    assert (out["n_slots"], out["rebuilds"]) == (2048, 1) and out["in_place"] >= 1
+    assert (out["n_slots"], out["rebuilds"]) == (2048, 1) and out["in_place"] >= 1, out
     assert out["dropped"] >= 3000 - int(2048 * MAX_FILL)
     assert out["dropped"] == 3000 - out["listed"]  # every key kept is found
     # the unlisted keys are gone, the others still found (which of the random keys the
