@@ -264,9 +264,9 @@ class ExportLedger:
 
     def _forget(self, indices: list[int]) -> list[int]:
         """Not offered any more: in place, nothing else to do; staged, the slot is free.
-        Returns the locations the forgotten ones were listed at. (One pass, no per-block
-        calls: an import's allocation can rewrite thousands of listed blocks, in the step
-        that parks the request.)"""
+        Returns the locations the forgotten ones were listed at. (One pass over ``indices``:
+        an import's allocation can rewrite thousands of listed blocks, in the step that
+        parks the request.)"""
         pop = self._listed.pop
         gone = [(i, e) for i in indices if (e := pop(i, None)) is not None]
         if not gone:  # (not held, or already released: never free a slot twice)
