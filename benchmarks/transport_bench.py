@@ -11,7 +11,7 @@ connector runs), checks every copied page against the exporter's checksums, and 
               computes page addresses from block ids on the GPU)
   page-address kernel  the same copy with every page address built on the host and sent
               (the previous design, kept as a baseline)
-  load()      the whole import as the connector does it (plan + H2D of block ids + kernel)
+  load()      the whole import as the connector does it (plan + kernel, ids in its parameter)
   batch-memcpy  cuMemcpyBatchAsync over the same pages, lists built in Python (reference)
 beside a 1 GiB torch peer copy GPU0 -> GPU1 measured in the same process.
 A second importer sees only GPU1 (CUDA_VISIBLE_DEVICES=1) to show that IPC handles open
@@ -124,21 +124,31 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
             return statistics.median(times)
 
         plan = imp.plan(desc, src, dst)
-        ids = torch.from_numpy(plan.blocks).to("cuda:0")
-        timed(lambda: imp.launch_only(plan, ids), 20)  # warm-up: clocks settle first
-        result["kernel_s"] = timed(lambda: imp.launch_only(plan, ids), args.reps)
+        timed(lambda: imp.launch_only(plan), 20)  # warm-up: clocks settle first
+        result["kernel_s"] = timed(lambda: imp.launch_only(plan), args.reps)
         timed(lambda: imp.execute_addresses(plan), 3)  # (its time includes building the list)
         result["addr_kernel_s"] = timed(lambda: imp.execute_addresses(plan), args.reps)
+
+        host = []
 
         def full_load():
             imp.sweep()  # as the connector does every step: finished copies let go
             t0 = time.perf_counter()
             e = imp.load(desc, src, dst)
+            host.append(time.perf_counter() - t0)
             e.synchronize()
             return time.perf_counter() - t0
 
         full_load()
+        host.clear()
         result["load_s"] = statistics.median(full_load() for _ in range(args.reps))
+        result["load_host_s"] = statistics.median(host)
+        plans = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            imp.plan(desc, src, dst)
+            plans.append(time.perf_counter() - t0)
+        result["plan_s"] = statistics.median(plans)
         result["batch_memcpy_s"] = _batch_memcpy(plan, args.reps)
 
         # baseline: 1 GiB torch copy from the exporter's GPU to ours (peer copy GPU0 -> GPU1
@@ -161,7 +171,6 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
 
 def _sweep(layout, desc, src, dst, timed, reps: int) -> list:
     """Kernel time of each launch shape (unroll x threads x blocks per SM) on the same plan."""
-    import torch
 
     from kvmkt_connector.transport.cuda_ipc import CudaIpcImporter
 
@@ -171,9 +180,8 @@ def _sweep(layout, desc, src, dst, timed, reps: int) -> list:
         imp = CudaIpcImporter(layout, unroll=unroll, threads=threads, blocks_per_sm=per_sm,
                               streaming=streaming)
         plan = imp.plan(desc, src, dst)
-        ids = torch.from_numpy(plan.blocks).to("cuda:0")
-        timed(lambda: imp.launch_only(plan, ids), 5)  # noqa: B023
-        t = timed(lambda: imp.launch_only(plan, ids), max(5, reps // 2))  # noqa: B023
+        timed(lambda: imp.launch_only(plan), 5)  # noqa: B023
+        t = timed(lambda: imp.launch_only(plan), max(5, reps // 2))  # noqa: B023
         rows.append((unroll, threads, per_sm, int(streaming), t))
         imp.close()
     return rows
@@ -328,6 +336,9 @@ def main(argv=None) -> int:
             print(f"{name:<34}{t * 1e3:>12.3f}{rate:>10.1f}{ratio:>9}")
         else:
             print(f"{name:<34}{'n/a':>12}")
+    if full.get("load_host_s"):
+        print(f"load() host work (call to return): {full['load_host_s'] * 1e3:.3f} ms, of which "
+              f"the plan (segment table, checked ids) {full['plan_s'] * 1e3:.3f} ms")
     if args.host_pages:
         hp = host_path(args)
         hgb = hp["bytes"] / 1e9

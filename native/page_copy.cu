@@ -74,26 +74,37 @@ kvmkt_copy_pages(const unsigned long long* __restrict__ src,
     }
 }
 
-// Addresses computed here from block ids, so a load ships 8 bytes per block instead of
-// 16 per page (a 30k-token import of a 32-layer model: 15 KB instead of 2 MB, and no host
-// loop over pages). segs holds, per segment, {src block 0, src stride, dst block 0, dst
-// stride} in bytes; blocks holds the n_blocks source block ids, then the destination ids.
+// Addresses computed here from block ids, which travel inside the launch itself (a kernel
+// parameter of up to 32 KB, CUDA 12.1+ drivers): no host buffer to page-lock, no separate
+// host-to-device copy before the kernel, nothing to keep alive after the launch call. A load
+// larger than INLINE_BLOCKS blocks is several launches. segs holds, per segment, {src block
+// 0, src stride, dst block 0, dst stride} in bytes (on the GPU, built once per peer).
 // Page p is block p % n_blocks of segment p / n_blocks.
+#ifndef INLINE_BLOCKS
+#define INLINE_BLOCKS 3968  // 24 + 8 * 3968 bytes = 31,768 <= the 32,764-byte parameter limit
+#endif
+
+struct InlineBlocks {
+    const long long* segs;
+    unsigned long long page_bytes;
+    unsigned int n_blocks;
+    unsigned int n_segs;
+    int ids[2 * INLINE_BLOCKS];  // source ids from 0, destination ids from INLINE_BLOCKS
+};
+
+// __grid_constant__: the parameter is read in place (constant cache, warp-uniform reads);
+// without it an indexed by-value parameter would be copied to every thread's local memory.
 extern "C" __global__ void __launch_bounds__(MAX_THREADS)
-kvmkt_copy_blocks(const long long* __restrict__ segs,
-                  const int* __restrict__ blocks,
-                  unsigned int n_blocks,
-                  unsigned int n_segs,
-                  unsigned long long page_bytes)
+kvmkt_copy_blocks(const __grid_constant__ InlineBlocks a)
 {
-    const unsigned long long n_pages = (unsigned long long)n_blocks * n_segs;
+    const unsigned long long n_pages = (unsigned long long)a.n_blocks * a.n_segs;
     for (unsigned long long p = blockIdx.x; p < n_pages; p += gridDim.x) {
-        const unsigned int seg = (unsigned int)(p / n_blocks);
-        const unsigned int i = (unsigned int)(p - (unsigned long long)seg * n_blocks);
-        const long long* g = segs + 4 * seg;
-        const long long s = g[0] + (long long)blocks[i] * g[1];
-        const long long d = g[2] + (long long)blocks[n_blocks + i] * g[3];
+        const unsigned int seg = (unsigned int)(p / a.n_blocks);
+        const unsigned int i = (unsigned int)(p - (unsigned long long)seg * a.n_blocks);
+        const long long* g = a.segs + 4 * seg;
+        const long long s = g[0] + (long long)a.ids[i] * g[1];
+        const long long d = g[2] + (long long)a.ids[INLINE_BLOCKS + i] * g[3];
         copy_page(reinterpret_cast<const Vec16*>(s), reinterpret_cast<Vec16*>(d),
-                  page_bytes / 16);
+                  a.page_bytes / 16);
     }
 }

@@ -36,7 +36,7 @@ from kvmkt_connector.connector.metadata import (
 from kvmkt_connector.connector.offer_view import holder_readable
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
-from kvmkt_connector.logs import get_logger, trace
+from kvmkt_connector.logs import get_logger, trace, trace_gc
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import (
@@ -133,6 +133,7 @@ class MarketplaceScheduler:
         self._events: KvEventFeed | None = None
         self._event_publisher: Any = None
         self._trace = os.environ.get("KVMKT_TRACE") == "1"
+        trace_gc(logger)
         # Startup: workers' handshakes, collected from their worker metadata.
         self._awaiting_layout = not self._blockers and (self._import or self._export)
         self._layout_deadline: float | None = None

@@ -146,6 +146,26 @@ def compile_kernel(source_name: str, kernel: str, arch: str, defines: tuple[str,
     return check(_driver().cuModuleGetFunction(module, kernel.encode()), "cuModuleGetFunction")
 
 
+def driver_version() -> int:
+    """The driver's CUDA version, e.g. 12040 for 12.4."""
+    return int(check(_driver().cuDriverGetVersion(), "cuDriverGetVersion"))
+
+
+def launch_with_parameter(function: Any, grid: int, block: int, stream: int, param: Any) -> None:
+    """Launch a kernel whose one parameter is the bytes of ``param`` (a contiguous numpy
+    array laid out as the kernel's struct). The driver copies them during this call, so
+    ``param`` may be reused or freed as soon as it returns."""
+    import numpy as np
+
+    pointers = np.array([param.ctypes.data], dtype=np.uintp)  # the void** kernelParams
+    driver = _driver()
+    check(
+        driver.cuLaunchKernel(function, grid, 1, 1, block, 1, 1, 0, driver.CUstream(stream),
+                              pointers, 0),
+        "cuLaunchKernel",
+    )
+
+
 def launch(function: Any, grid: int, block: int, stream: int, args: list[tuple[int, Any]]) -> None:
     """Launch ``function`` on ``stream`` with (value, ctypes type) arguments."""
     values = tuple(v for v, _ in args)

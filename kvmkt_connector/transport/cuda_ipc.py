@@ -9,7 +9,7 @@ over NVLink when the GPUs differ; the exporter's GPU need not be visible to this
 and caches the mapping. A load is one ``PeerCopyPlan`` run by one kernel launch on the
 current stream (the importer's side stream; see connector/loads.py): the kernel computes
 each page's addresses from the block ids and a per-holder segment table kept on the GPU,
-so a load ships two block-id lists, not an address per page.
+so a load ships two block-id lists (in the launch's parameter), not an address per page.
 Mappings of exporters that died or stayed unused are closed once no copy uses them.
 """
 
@@ -153,9 +153,9 @@ class CudaIpcImporter:
         self._inflight.append((event, list(handles), keep))
         return event
 
-    def launch_only(self, plan: PeerCopyPlan, ids_on_device: torch.Tensor) -> None:
-        """The kernel with the block ids already on the GPU (benchmarks time it alone)."""
-        self._copier.launch(plan.table, ids_on_device, plan.page_bytes)
+    def launch_only(self, plan: PeerCopyPlan) -> None:
+        """The kernel of a prepared plan, no event (benchmarks time it alone)."""
+        self._copier.launch(plan.table, plan.blocks, plan.page_bytes)
 
     def execute_addresses(self, plan: PeerCopyPlan) -> torch.cuda.Event:
         """The same copy with every page address computed on the host (benchmark baseline)."""

@@ -3,10 +3,12 @@
 A ``SegmentTable`` says where block 0 of each KV segment lives on both sides and the
 stride between blocks; it is built once per peer (a holder's mapped KV cache, or a
 host-memory region mapped into the device's address space) and kept on the GPU. A copy then
-ships only the two block-id lists (8 bytes per block), and the kernel computes the address
-of each page. Used by ``cuda_ipc`` (peer GPU memory) and by ``host_shm`` on GPUs (page-locked
-host memory read or written directly by the kernel, at PCIe speed, without a gather on the
-CPU).
+ships only the two block-id lists (8 bytes per block), inside the launch's own parameter
+(up to 3,968 blocks per launch, a 16k-token import needs 1,024): no page-locked staging, no
+separate host-to-device copy, nothing to keep alive once the launch call returns. The
+kernel computes the address of each page. Used by ``cuda_ipc`` (peer GPU memory) and by
+``host_shm`` on GPUs (page-locked host memory read or written directly by the kernel, at
+PCIe speed, without a gather on the CPU).
 """
 
 from __future__ import annotations
@@ -42,15 +44,31 @@ class SegmentTable:
         return int(self.host.shape[0])
 
 
+_PARAM_HEADER = 3  # int64 words before the ids: segment table, page bytes, two counts
+
+
+def inline_capacity(driver_version: int) -> int:
+    """Blocks per launch: kernel parameters may hold 32,764 bytes from CUDA 12.1 drivers on,
+    4,096 before (the kernel's struct is 24 bytes plus 8 per block)."""
+    limit = 32764 if driver_version >= 12010 else 4096
+    return min(3968, limit // 8 - _PARAM_HEADER)
+
+
 class PageCopier:
     def __init__(self, device: torch.device, unroll: int = 4, threads: int = 512,
-                 blocks_per_sm: int = 8, streaming: bool = False) -> None:
+                 blocks_per_sm: int = 8, streaming: bool = False,
+                 inline_blocks: int | None = None) -> None:
         """``unroll``, ``threads``, ``blocks_per_sm``, ``streaming`` (evict-first loads and
-        stores): the kernel's shape (see ``benchmarks/transport_bench.py --sweep``)."""
+        stores): the kernel's shape (see ``benchmarks/transport_bench.py --sweep``).
+        ``inline_blocks``: blocks per launch, at most what the driver allows (tests lower it
+        to exercise loads of several launches)."""
         self.device = device
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
-        defines = (f"UNROLL={unroll}", f"MAX_THREADS={threads}", f"STREAMING={int(streaming)}")
+        cap = inline_capacity(cu.driver_version())
+        self.inline_blocks = cap if inline_blocks is None else max(1, min(inline_blocks, cap))
+        defines = (f"UNROLL={unroll}", f"MAX_THREADS={threads}", f"STREAMING={int(streaming)}",
+                   f"INLINE_BLOCKS={self.inline_blocks}")
         self._blocks_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_blocks", arch, defines)
         self._pages_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", arch, defines)
         self._threads = threads
@@ -72,29 +90,33 @@ class PageCopier:
 
     def copy(self, table: SegmentTable, ids: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
         """Enqueue on the current stream; returns its event and what must live until then."""
-        if page_bytes % 16:
-            raise TransferError("pages must be a multiple of 16 bytes")
-        pinned = torch.from_numpy(ids).pin_memory()
-        on_device = pinned.to(self.device, non_blocking=True)
-        self.launch(table, on_device, page_bytes)
+        self.launch(table, ids, page_bytes)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        return event, (pinned, on_device, table)
+        return event, table
 
-    def launch(self, table: SegmentTable, ids_on_device: torch.Tensor, page_bytes: int) -> None:
-        """The kernel alone, on the current stream, with the block ids already on the GPU."""
-        n_blocks = int(ids_on_device.shape[1])
-        n_pages = n_blocks * table.num_segments
-        if n_pages:
-            cu.launch(
-                self._blocks_kernel, max(1, min(n_pages, self._max_grid)), self._threads,
-                torch.cuda.current_stream(self.device).cuda_stream,
-                [(table.on_device.data_ptr(), ctypes.c_void_p),
-                 (ids_on_device.data_ptr(), ctypes.c_void_p),
-                 (n_blocks, ctypes.c_uint32), (table.num_segments, ctypes.c_uint32),
-                 (page_bytes, ctypes.c_uint64)],
-            )
-
+    def launch(self, table: SegmentTable, ids: np.ndarray, page_bytes: int) -> None:
+        """The kernel alone, on the current stream: ``ids`` int32 [2, n] from ``block_ids``."""
+        if page_bytes % 16:
+            raise TransferError("pages must be a multiple of 16 bytes")
+        n_blocks, chunk = int(ids.shape[1]), self.inline_blocks
+        if not n_blocks or not table.num_segments:
+            return
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        param = np.empty(_PARAM_HEADER + chunk, dtype=np.int64)  # the kernel's InlineBlocks
+        param[0], param[1] = table.on_device.data_ptr(), page_bytes
+        words = param.view(np.int32)  # [4] n_blocks, [5] n_segs, then the ids
+        words[5] = table.num_segments
+        first = 2 * _PARAM_HEADER
+        for start in range(0, n_blocks, chunk):
+            k = min(chunk, n_blocks - start)
+            words[4] = k
+            words[first : first + k] = ids[0, start : start + k]
+            words[first + chunk : first + chunk + k] = ids[1, start : start + k]
+            # the driver copies ``param`` during the call: the next chunk may overwrite it
+            cu.launch_with_parameter(self._blocks_kernel,
+                                     max(1, min(k * table.num_segments, self._max_grid)),
+                                     self._threads, stream, param)
     def copy_addresses(self, src: np.ndarray, dst: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
         """The same with every page address given (the benchmark's baseline)."""
         stream = torch.cuda.current_stream(self.device)
