@@ -91,6 +91,9 @@ struct InlineBlocks {
     unsigned int n_segs;
     int ids[2 * INLINE_BLOCKS];  // source ids from 0, destination ids from INLINE_BLOCKS
 };
+// transport/page_copy.py's LaunchParameter packs this layout: fields in the order declared,
+// no padding (the ids start at byte 24)
+static_assert(sizeof(InlineBlocks) == 24 + 8 * INLINE_BLOCKS, "InlineBlocks layout");
 
 // __grid_constant__: the parameter is read in place (constant cache, warp-uniform reads);
 // without it an indexed by-value parameter would be copied to every thread's local memory.

@@ -54,6 +54,29 @@ def inline_capacity(driver_version: int) -> int:
     return min(3968, limit // 8 - _PARAM_HEADER)
 
 
+class LaunchParameter:
+    """The bytes of native/page_copy.cu's ``InlineBlocks`` for one launch of up to
+    ``capacity`` blocks (the layout its static_asserts pin: two int64, two uint32, then
+    ``capacity`` source ids and ``capacity`` destination ids, int32)."""
+
+    def __init__(self, capacity: int, segments: int, page_bytes: int, table_ptr: int) -> None:
+        self.capacity = capacity
+        self.array = np.empty(_PARAM_HEADER + capacity, dtype=np.int64)
+        self.array[0], self.array[1] = table_ptr, page_bytes
+        self._words = self.array.view(np.int32)
+        self._words[5] = segments
+
+    def fill(self, src: np.ndarray, dst: np.ndarray) -> int:
+        """Put ``len(src)`` <= capacity blocks in; returns how many."""
+        k, first = len(src), 2 * _PARAM_HEADER
+        if k > self.capacity or len(dst) != k:
+            raise TransferError("launch parameter: wrong number of block ids")
+        self._words[4] = k
+        self._words[first : first + k] = src
+        self._words[first + self.capacity : first + self.capacity + k] = dst
+        return k
+
+
 class PageCopier:
     def __init__(self, device: torch.device, unroll: int = 4, threads: int = 512,
                  blocks_per_sm: int = 8, streaming: bool = False,
@@ -103,20 +126,14 @@ class PageCopier:
         if not n_blocks or not table.num_segments:
             return
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        param = np.empty(_PARAM_HEADER + chunk, dtype=np.int64)  # the kernel's InlineBlocks
-        param[0], param[1] = table.on_device.data_ptr(), page_bytes
-        words = param.view(np.int32)  # [4] n_blocks, [5] n_segs, then the ids
-        words[5] = table.num_segments
-        first = 2 * _PARAM_HEADER
+        param = LaunchParameter(chunk, table.num_segments, page_bytes, table.on_device.data_ptr())
         for start in range(0, n_blocks, chunk):
-            k = min(chunk, n_blocks - start)
-            words[4] = k
-            words[first : first + k] = ids[0, start : start + k]
-            words[first + chunk : first + chunk + k] = ids[1, start : start + k]
-            # the driver copies ``param`` during the call: the next chunk may overwrite it
+            k = param.fill(ids[0, start : start + chunk], ids[1, start : start + chunk])
+            # the driver copies the parameter during the call: the next chunk may overwrite it
             cu.launch_with_parameter(self._blocks_kernel,
                                      max(1, min(k * table.num_segments, self._max_grid)),
-                                     self._threads, stream, param)
+                                     self._threads, stream, param.array)
+
     def copy_addresses(self, src: np.ndarray, dst: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
         """The same with every page address given (the benchmark's baseline)."""
         stream = torch.cuda.current_stream(self.device)
