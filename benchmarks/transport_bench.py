@@ -8,10 +8,12 @@ transport. An importer process on GPU1 imports ``--pages`` random, scattered sou
 blocks into random, scattered destination blocks with ``CudaIpcImporter`` (the code the
 connector runs), checks every copied page against the exporter's checksums, and times:
   kernel      the page-copy kernel on a prepared plan (CUDA events, median of reps; it
-              computes page addresses from block ids on the GPU)
+              computes page addresses from block ids on the GPU). Kernel and peak copy are
+              GPU time: a GPU sleep queued first keeps the launch itself out of the window
   page-address kernel  the same copy with every page address built on the host and sent
               (the previous design, kept as a baseline)
-  load()      the whole import as the connector does it (plan + kernel, ids in its parameter)
+  load()      the whole import as the connector does it (plan + kernel, ids in its parameter),
+              wall clock from the call until its event completes
   batch-memcpy  cuMemcpyBatchAsync over the same pages, lists built in Python (reference)
 beside a 1 GiB torch peer copy GPU0 -> GPU1 measured in the same process.
 A second importer sees only GPU1 (CUDA_VISIBLE_DEVICES=1) to show that IPC handles open
@@ -93,7 +95,9 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
         layout = KVPageLayout(caches, args.dst_blocks)
         imp = CudaIpcImporter(layout)
         rng = np.random.default_rng(0)
-        src = rng.choice(args.src_blocks, size=args.pages, replace=False).tolist()
+        # as the connector passes them: source ids decoded into an array, vLLM's list of
+        # destination ids
+        src = rng.choice(args.src_blocks, size=args.pages, replace=False).astype(np.int64)
         dst = rng.choice(args.dst_blocks, size=args.pages, replace=False).tolist()
         nbytes = args.layers * args.pages * args.page_kib * 1024
 
@@ -112,10 +116,15 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
             conn.send(("ok", result))
             return
 
-        def timed(fn, reps):
+        def timed(fn, reps, gpu_only=True):
+            """Median GPU time of ``fn``'s work. ``gpu_only``: a GPU sleep queued first lets
+            the host enqueue the work before the start event fires, so launch overheads
+            (ours and torch's alike) stay outside the window."""
             times = []
             for _ in range(reps):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if gpu_only:
+                    torch.cuda._sleep(2_000_000)  # about 1 ms at H200 clocks
                 start.record()
                 fn()
                 end.record()
@@ -126,8 +135,9 @@ def importer(conn, args, desc_blob, checksums, visible: str, full: bool) -> None
         plan = imp.plan(desc, src, dst)
         timed(lambda: imp.launch_only(plan), 20)  # warm-up: clocks settle first
         result["kernel_s"] = timed(lambda: imp.launch_only(plan), args.reps)
-        timed(lambda: imp.execute_addresses(plan), 3)  # (its time includes building the list)
-        result["addr_kernel_s"] = timed(lambda: imp.execute_addresses(plan), args.reps)
+        # (its time includes building the list and its H2D)
+        timed(lambda: imp.execute_addresses(plan), 3, gpu_only=False)
+        result["addr_kernel_s"] = timed(lambda: imp.execute_addresses(plan), args.reps, gpu_only=False)
 
         host = []
 
