@@ -12,7 +12,6 @@ import os
 import secrets
 import socket
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -28,6 +27,7 @@ from kvmkt_connector.connector.exporter import ExportLedger, ResetWatch
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.connector.kv_events import KvEventFeed
+from kvmkt_connector.connector.lease_check import LeaseCheck
 from kvmkt_connector.connector.metadata import (
     MarketplaceConnectorMetadata,
     MarketplaceHandshake,
@@ -35,19 +35,18 @@ from kvmkt_connector.connector.metadata import (
 )
 from kvmkt_connector.connector.offer_view import holder_readable
 from kvmkt_connector.connector.registry_link import RegistryLink
+from kvmkt_connector.connector.stats_gate import StatsGate
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace, trace_gc
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import (
-    CudaIpcDescriptor,
     GenerationsDescriptor,
     HolderDescriptor,
     HostShmDescriptor,
     RankDescriptor,
-    TransferError,
 )
-from kvmkt_connector.transport.generations import GenerationTable, MappedTables
+from kvmkt_connector.transport.generations import GenerationTable
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -60,8 +59,6 @@ _NEIGHBOUR_CHECK_S = 10.0
 # Workers answer the first step that asks for their layout; past this, stop waiting for
 # them (a hung or foreign worker must not hold requests back) and serve without sharing.
 _LAYOUT_WAIT_S = 30.0
-_MAX_MAPPED_TABLES = 16  # holders' generation tables kept open by the import planner
-_TRANSPORT_OF = {"cuda_ipc": CudaIpcDescriptor, "host_shm": HostShmDescriptor}
 
 
 def request_scope(request: Request) -> KeyScope | None:
@@ -107,9 +104,9 @@ class MarketplaceScheduler:
         self._namespace = b""
         self._keyer: BlockKeyer | None = None
         self._num_blocks = kv_cache_config.num_blocks
-        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats, self._usable)
-        self._tables = MappedTables(_MAX_MAPPED_TABLES)  # holders' generations
-        self._holders: dict[bytes, HolderDescriptor] = {}  # decoded descriptors, by blob
+        self._leases = LeaseCheck(self._world)
+        self._planner = ImportPlanner(cfg, self._block_size, self._link, self.stats,
+                                      self._leases.usable)
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._transport = ""  # what our workers import with (from their handshake)
@@ -118,16 +115,7 @@ class MarketplaceScheduler:
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
         self._step_runs = True  # the last scheduled step computes tokens
-        # Offline LLM records a step's stats only if the step has request outputs (vLLM 0.26
-        # llm_engine.py), so stats wait for such a step: per scheduled step, in order
-        # (async scheduling schedules step N+1 before step N's output is processed), the
-        # requests that sample in it; per request, the token count at which it samples; and
-        # for requests that ended, at which processed output (a request that stopped in
-        # step N outputs nothing in step N+1, scheduled before N was processed).
-        self._output_steps: deque[tuple[str, ...]] = deque(maxlen=64)
-        self._sample_at: dict[str, int] = {}
-        self._updates = 0  # step outputs processed so far
-        self._ended_at: dict[str, tuple[int, bool]] = {}  # request -> (update, aborted)
+        self._stats_gate = StatsGate()  # which step outputs may carry our stats
         ev = vllm_config.kv_events_config
         self._kv_events_on = bool(ev and ev.enable_kv_cache_events and cfg.kv_events_medium)
         self._events: KvEventFeed | None = None
@@ -194,7 +182,7 @@ class MarketplaceScheduler:
         self._keyer = BlockKeyer(self._namespace, self._block_size)
         logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
         ranks = [handshakes[r] for r in range(self._world)]
-        self._transport = ranks[0].transport
+        self._transport = self._leases.transport = ranks[0].transport
         self._planner.verify_all_keys = self._transport != "cuda_ipc"
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
             self._start_exporting(ranks)
@@ -278,7 +266,7 @@ class MarketplaceScheduler:
     def get_num_new_matched_tokens(
         self, request: Request, num_local: int
     ) -> tuple[int | None, bool]:
-        self._sample_at[request.request_id] = request.num_tokens  # (see _output_steps)
+        self._stats_gate.on_asked(request.request_id, request.num_tokens)
         trace(logger, request.request_id, f"asked {num_local}")  # (local hits too)
         if self._layout_pending():
             return None, False  # "ask again next step" (vLLM keeps the request waiting)
@@ -306,14 +294,12 @@ class MarketplaceScheduler:
             self._not_run = {r for r in self._not_run if r not in scheduled}
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
-        self._tables.sweep()  # tables of holders that went (at most once a second)
+        self._leases.sweep()
         if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
-        samplers = _samplers(scheduler_output, self._sample_at) if self._step_runs else ()
-        self._output_steps.append(samplers)
-        outputs = bool(samplers)
+        outputs = self._stats_gate.on_step(scheduler_output, self._step_runs)
         step, ack = (self._ledger.step, self._ledger.wants_ack()) if self._ledger else (0, False)
         loads = self._planner.take_jobs()
         if self._trace:  # not a loop over every step's requests unless asked for
@@ -363,30 +349,6 @@ class MarketplaceScheduler:
                 self._save_reports[job_id] = total
         return done
 
-    def _usable(self, descriptor: bytes, locations: list[int]) -> int | None:
-        """How many leading leased pages of that holder are still the published ones;
-        None if our workers cannot read that holder at all (another transport)."""
-        holder = self._holders.get(descriptor)
-        if holder is None:
-            try:
-                holder = HolderDescriptor.decode(descriptor)
-            except msgspec.DecodeError:
-                return None
-            while len(self._holders) >= _MAX_MAPPED_TABLES:
-                self._holders.pop(next(iter(self._holders)))
-            self._holders[descriptor] = holder
-        want = _TRANSPORT_OF.get(self._transport)
-        if len(holder.ranks) != self._world or any(type(d) is not want for d in holder.ranks):
-            return None
-        if holder.generations is None:
-            return len(locations)  # staged slots: their keys are checked when copied
-        try:
-            table = self._tables.get(holder.generations.path, holder.generations.num_blocks)
-        except TransferError as e:
-            logger.info("kvmkt: holder pages unreachable: %s", e)
-            return None
-        return table.unchanged_prefix(locations)
-
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
         # A request aborted while its import (ours, or a sibling connector's) is still
         # being copied: its blocks do not hold known KV yet, so they are not exported.
@@ -395,9 +357,8 @@ class MarketplaceScheduler:
             self._not_run.discard(request.request_id)
             unsure = True
         imported = self._planner.on_request_finished(request.request_id)
-        if self._sample_at.pop(request.request_id, None) is not None:
-            aborted = request.status == RequestStatus.FINISHED_ABORTED  # no output for it
-            self._ended_at[request.request_id] = (self._updates, aborted)
+        self._stats_gate.on_request_finished(
+            request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
@@ -413,16 +374,8 @@ class MarketplaceScheduler:
     # ------------------------------------------------------------ lifecycle
 
     def take_stats(self) -> MarketplaceStats | None:
-        """Called once per processed step output, oldest first: stats go out only with
-        a step that has request outputs (see ``_output_steps``), else they keep counting.
-        A request that ended while this output was processed (it stopped) did output in it."""
-        samplers = self._output_steps.popleft() if self._output_steps else ()
-        now, ended = self._updates, self._ended_at
-        self._updates += 1
-        outputs = any(ended.get(r, (now, False)) == (now, False) for r in samplers)
-        if len(ended) > 256:  # no queued step names a request that ended long ago
-            self._ended_at = {r: e for r, e in ended.items() if e[0] >= now - 8}
-        return self.stats.take() if outputs else None
+        """Called once per processed step output, oldest first (see ``StatsGate``)."""
+        return self.stats.take() if self._stats_gate.on_output() else None
 
     def has_pending_exports(self) -> bool:
         return (self._ledger is not None and self._ledger.has_pending()) or (
@@ -450,18 +403,6 @@ class MarketplaceScheduler:
         self._planner.shutdown()
         if self._ledger is not None:
             self._ledger.shutdown()
-        self._tables.close()
+        self._leases.close()
         self._link.close()
 
-
-def _samplers(out: SchedulerOutput, sample_at: dict[str, int]) -> tuple[str, ...]:
-    """The requests a scheduled step samples for: those whose computed plus scheduled
-    tokens reach the count at which they sample (a chunk of a long prefill does not).
-    Requests never looked up count as not sampling: their stats wait a step more."""
-    sched, never = out.num_scheduled_tokens, 1 << 62
-    got = [r.req_id for r in out.scheduled_new_reqs
-           if r.num_computed_tokens + sched.get(r.req_id, 0) >= sample_at.get(r.req_id, never)]
-    cached = out.scheduled_cached_reqs
-    got += [rid for rid, done in zip(cached.req_ids, cached.num_computed_tokens, strict=False)
-            if done + sched.get(rid, 0) >= sample_at.get(rid, never)]
-    return tuple(got)

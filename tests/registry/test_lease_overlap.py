@@ -55,7 +55,7 @@ def _rounds(planner, req, keys, most: int) -> list[tuple[int, int | None]]:
 @pytest.mark.parametrize("check", ["incompatible", "rewritten"])
 def test_a_miss_after_the_promise_is_not_promised_again_forever(registry, check):
     """The table lists the prefix, but the lease is unusable: a holder of another transport
-    (_usable -> None, persistent while it lists the prefix) or rewritten pages (0).
+    (LeaseCheck.usable -> None, persistent while it lists the prefix) or rewritten pages (0).
     vLLM parks the request, gets every block back as a load error, truncates
     num_computed_tokens to 0, frees the blocks, and -- num_computed_tokens == 0 -- asks
     get_num_new_matched_tokens again: it must not be promised the same blocks again (it

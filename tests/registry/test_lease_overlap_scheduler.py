@@ -4,7 +4,7 @@ connector fed each step's metadata as kv_connector_no_forward does, and a live r
 
 A neighbour in our namespace lists the request's whole prefix, but its pages are not
 readable by our workers (here: a descriptor we cannot decode, as for a holder of another
-transport; _usable -> None). match() answers the table's bound, vLLM parks the request, the
+transport; LeaseCheck.usable -> None). match() answers the table's bound, vLLM parks the request, the
 job copies nothing and reports every block as a load error, vLLM truncates
 num_computed_tokens to 0, frees the blocks, and (num_computed_tokens == 0) asks
 get_num_new_matched_tokens again. The request must then prefill (it was promised the same
@@ -31,7 +31,7 @@ from tests.unit.vllm_objects import (
 class _Node:
     """vLLM 0.26's Scheduler with our connector (kv_consumer), our worker connector, a live
     registry and a neighbour in our namespace that lists ``prompt`` with a descriptor our
-    workers cannot read (as a holder of another transport: _usable -> None)."""
+    workers cannot read (as a holder of another transport: LeaseCheck.usable -> None)."""
 
     def __init__(self, tiny_model_dir, socket_dir, prompt: list[int]) -> None:
         from vllm import SamplingParams
