@@ -151,6 +151,14 @@ def driver_version() -> int:
     return int(check(_driver().cuDriverGetVersion(), "cuDriverGetVersion"))
 
 
+def nvrtc_version() -> int:
+    """NVRTC's CUDA version in the driver's format (12040 for 12.4)."""
+    from cuda.bindings import nvrtc
+
+    major, minor = check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return 1000 * int(major) + 10 * int(minor)
+
+
 def launch_with_parameter(function: Any, grid: int, block: int, stream: int, param: Any) -> None:
     """Launch a kernel whose one parameter is the bytes of ``param`` (a contiguous numpy
     array laid out as the kernel's struct). The driver copies them during this call, so

@@ -149,7 +149,7 @@ class CudaIpcImporter:
     def execute(self, plan: PeerCopyPlan, handles: list[bytes]) -> torch.cuda.Event:
         """Enqueue the copy on the current stream; the event completes with it."""
         event, keep = self._copier.copy(plan.table, plan.blocks, plan.page_bytes)
-        # The block ids must outlive the copy; the mappings must too (see sweep).
+        # The segment table must outlive the copy; the mappings must too (see sweep).
         self._inflight.append((event, list(handles), keep))
         return event
 

@@ -13,6 +13,7 @@ PCIe speed, without a gather on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from collections.abc import Sequence
 from typing import Any
@@ -47,10 +48,11 @@ class SegmentTable:
 _PARAM_HEADER = 3  # int64 words before the ids: segment table, page bytes, two counts
 
 
-def inline_capacity(driver_version: int) -> int:
-    """Blocks per launch: kernel parameters may hold 32,764 bytes from CUDA 12.1 drivers on,
-    4,096 before (the kernel's struct is 24 bytes plus 8 per block)."""
-    limit = 32764 if driver_version >= 12010 else 4096
+def inline_capacity(cuda_version: int) -> int:
+    """Blocks per launch: kernel parameters may hold 32,764 bytes from CUDA 12.1 on (driver
+    and compiler both: pass the lower of their versions), 4,096 before (the kernel's struct
+    is 24 bytes plus 8 per block)."""
+    limit = 32764 if cuda_version >= 12010 else 4096
     return min(3968, limit // 8 - _PARAM_HEADER)
 
 
@@ -88,7 +90,7 @@ class PageCopier:
         self.device = device
         major, minor = torch.cuda.get_device_capability(device)
         arch = f"sm_{major}{minor}"
-        cap = inline_capacity(cu.driver_version())
+        cap = inline_capacity(min(cu.driver_version(), cu.nvrtc_version()))
         self.inline_blocks = cap if inline_blocks is None else max(1, min(inline_blocks, cap))
         defines = (f"UNROLL={unroll}", f"MAX_THREADS={threads}", f"STREAMING={int(streaming)}",
                    f"INLINE_BLOCKS={self.inline_blocks}")
@@ -109,6 +111,8 @@ class PageCopier:
                 raise TransferError("destination block out of range")
             if ids[0].min() < 0 or ids[0].max() >= src_limit:
                 raise TransferError("source block out of range")
+            if ids.max() >= 1 << 31:  # the kernel's ids are int32: never wrap one
+                raise TransferError("block id beyond 32 bits")
         return ids.astype(np.int32)
 
     def copy(self, table: SegmentTable, ids: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
@@ -125,14 +129,20 @@ class PageCopier:
         n_blocks, chunk = int(ids.shape[1]), self.inline_blocks
         if not n_blocks or not table.num_segments:
             return
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        current = torch.cuda.current_stream(self.device)
         param = LaunchParameter(chunk, table.num_segments, page_bytes, table.on_device.data_ptr())
         for start in range(0, n_blocks, chunk):
             k = param.fill(ids[0, start : start + chunk], ids[1, start : start + chunk])
-            # the driver copies the parameter during the call: the next chunk may overwrite it
-            cu.launch_with_parameter(self._blocks_kernel,
-                                     max(1, min(k * table.num_segments, self._max_grid)),
-                                     self._threads, stream, param.array)
+            try:  # the driver copies the parameter during the call: the next chunk may overwrite it
+                cu.launch_with_parameter(self._blocks_kernel,
+                                         max(1, min(k * table.num_segments, self._max_grid)),
+                                         self._threads, current.cuda_stream, param.array)
+            except Exception:
+                if start:  # this load's earlier launches are queued: the caller reports the
+                    # load failed and vLLM may reuse its blocks, so they must have ended
+                    with contextlib.suppress(Exception):
+                        current.synchronize()
+                raise
 
     def copy_addresses(self, src: np.ndarray, dst: np.ndarray, page_bytes: int) -> tuple[torch.cuda.Event, Any]:
         """The same with every page address given (the benchmark's baseline)."""
