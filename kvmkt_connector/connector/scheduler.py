@@ -109,7 +109,6 @@ class MarketplaceScheduler:
                                       self._leases.usable)
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
-        self._transport = ""  # what our workers import with (from their handshake)
         self._load_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
         self._save_reports: dict[int, int] = {}  # job -> ranks
         self._warned_holders: set[int] = set()
@@ -182,8 +181,8 @@ class MarketplaceScheduler:
         self._keyer = BlockKeyer(self._namespace, self._block_size)
         logger.info("kvmkt: namespace %s (%s)", self._namespace.hex()[:12], self._name)
         ranks = [handshakes[r] for r in range(self._world)]
-        self._transport = self._leases.transport = ranks[0].transport
-        self._planner.verify_all_keys = self._transport != "cuda_ipc"
+        self._leases.transport = ranks[0].transport  # what our workers import with
+        self._planner.verify_all_keys = ranks[0].transport != "cuda_ipc"
         if self._export and all(h.descriptor for h in ranks) and self._pool is not None:
             self._start_exporting(ranks)
         if self._kv_events_on and self._import:
@@ -222,7 +221,7 @@ class MarketplaceScheduler:
         own_bit = None if channel is None else (
             lambda: channel.holder_bit if channel.connected else None
         )  # fmt: skip
-        transport, world = self._transport, self._world
+        transport, world = self._leases.transport, self._world
         resets = ResetWatch(self._pool).check if self._pool is not None else None
         self._events = KvEventFeed(
             self._cfg, self._name, self._namespace, self._block_size,

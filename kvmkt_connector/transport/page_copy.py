@@ -58,8 +58,9 @@ def inline_capacity(cuda_version: int) -> int:
 
 class LaunchParameter:
     """The bytes of native/page_copy.cu's ``InlineBlocks`` for one launch of up to
-    ``capacity`` blocks (the layout its static_asserts pin: two int64, two uint32, then
-    ``capacity`` source ids and ``capacity`` destination ids, int32)."""
+    ``capacity`` blocks: two int64, two uint32, then ``capacity`` source ids and
+    ``capacity`` destination ids, int32 (the .cu asserts the size; tests/unit check the
+    field offsets against NVRTC's PTX)."""
 
     def __init__(self, capacity: int, segments: int, page_bytes: int, table_ptr: int) -> None:
         self.capacity = capacity
@@ -85,7 +86,7 @@ class PageCopier:
                  inline_blocks: int | None = None) -> None:
         """``unroll``, ``threads``, ``blocks_per_sm``, ``streaming`` (evict-first loads and
         stores): the kernel's shape (see ``benchmarks/transport_bench.py --sweep``).
-        ``inline_blocks``: blocks per launch, at most what the driver allows (tests lower it
+        ``inline_blocks``: blocks per launch, at most what driver and NVRTC allow (tests lower it
         to exercise loads of several launches)."""
         self.device = device
         major, minor = torch.cuda.get_device_capability(device)
