@@ -76,7 +76,7 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       ;;
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT" ${TTFT_ARGS:-}
-      if [ "${KVMKT_TRACE:-}" = 1 ]; then
+      if [ -n "${KVMKT_TRACE:-}" ] && [ "${KVMKT_TRACE}" != 0 ]; then
         run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
       fi
       ;;

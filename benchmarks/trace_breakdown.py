@@ -1,4 +1,5 @@
-"""Where an import's time goes: per-phase medians from a ttft_bench run with KVMKT_TRACE=1.
+"""Where an import's time goes: per-phase medians from a ttft_bench run with KVMKT_TRACE=1
+(or KVMKT_TRACE=hooks: only our hooks' durations, without the trace points inside them).
 
     python benchmarks/trace_breakdown.py OUT/ttft.log OUT/logs/ttft-engine-B.log
 
@@ -11,6 +12,11 @@ put in order, repeated step events numbered (``step-meta.2``: the second step sc
 the window), and the table gives, per prefix length, the median time of each event since
 the client's call (ms) and the gap from the event before it; for imports of 16k tokens and
 more, also each call's gaps over 1.5 ms and its garbage collections (``gc-*`` stamps).
+
+``kvmkt-hooks <start ns>:<ns>:<hook> ...`` lines (``logs.HookTimes``) give our host work: the
+first table sums, per call, the time spent inside each of our connector hooks that started
+in the call's window (every step of it: lookup, planning, launch, reports, the forward
+step's hooks too), time a hook waited for a copy left out; medians per call.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from collections import defaultdict
 
 _CALL = re.compile(r"^(import|hit)-call (\d+) (\d+) (\d+)")
 _TRACE = re.compile(r"kvmkt-trace (\d+) (\S+) (\S+)")
+_HOOKS = re.compile(r"kvmkt-hooks (.*)")
+_SPAN = re.compile(r"(\d+):(-?\d+):(\w+)")
 
 
 def windows(bench_log: str) -> list[tuple[int, int, tuple[str, int]]]:
@@ -38,6 +46,43 @@ def events(engine_log: str) -> list[tuple[int, str]]:
                 out.append((int(m.group(1)), m.group(3)))
     out.sort()
     return out
+
+
+def hook_spans(engine_log: str) -> list[tuple[int, int, str]]:
+    """(start ns, ns spent, hook) of every timed hook call in the log."""
+    spans = []
+    with open(engine_log, errors="replace") as f:
+        for line in f:
+            if m := _HOOKS.search(line):
+                spans += [(int(t), int(ns), h) for t, ns, h in _SPAN.findall(m[1])]
+    spans.sort()
+    return spans
+
+
+def host_work(calls, spans) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """(kind, prefix) -> per call, ms spent in each hook (and "total") inside its window."""
+    out: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
+    for t_sub, t_done, length in calls:
+        per: dict[str, float] = defaultdict(float)
+        for t, ns, hook in spans:
+            if t_sub <= t <= t_done:
+                per[hook] += ns / 1e6
+                per["total"] += ns / 1e6
+        out[length].append(per)
+    return out
+
+
+def print_host_work(work) -> None:
+    if not any(per for calls in work.values() for per in calls):
+        return
+    cols = sorted(work)
+    hooks = sorted({h for calls in work.values() for per in calls for h in per} - {"total"})
+    print("\n== our hooks inside each call (host work, ms; median per call) ==")
+    print(f"{'hook':<18}" + "".join(f"{k[0][:3]} {k[1]:>6}".rjust(12) for k in cols))
+    for hook in [*hooks, "total"]:
+        row = [statistics.median(per.get(hook, 0.0) for per in work[k]) for k in cols]
+        print(f"{hook:<18}" + "".join(f"{v:12.3f}" for v in row))
+    print(f"{'calls':<18}" + "".join(f"{len(work[k]):12d}" for k in cols))
 
 
 def timelines(calls, evs) -> dict[tuple[str, int], list[list[tuple[str, float]]]]:
@@ -60,7 +105,12 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__)
         return 2
-    by_len = timelines(windows(argv[0]), events(argv[1]))
+    calls = windows(argv[0])
+    print_host_work(host_work(calls, hook_spans(argv[1])))
+    evs = events(argv[1])
+    if not evs:
+        return 0
+    by_len = timelines(calls, evs)
     for length, lines in sorted(by_len.items()):
         order: list[str] = []
         stamps: dict[str, list[float]] = defaultdict(list)

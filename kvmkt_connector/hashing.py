@@ -47,7 +47,11 @@ class KeyScope(msgspec.Struct, frozen=True, array_like=True):
 
 
 def _token_bytes(token_ids: Sequence[int]) -> bytes:
-    arr = array("I", token_ids)
+    if type(token_ids) is list:  # (a slice of vLLM's ConstantList is one) fromlist: faster
+        arr = array("I")
+        arr.fromlist(token_ids)
+    else:
+        arr = array("I", token_ids)
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()
     return arr.tobytes()

@@ -4,6 +4,8 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 def get_logger(module_name: str) -> logging.Logger:
@@ -30,3 +32,35 @@ def trace_gc(logger: logging.Logger) -> None:
 
     stamp.kvmkt_trace = True  # type: ignore[attr-defined]
     gc.callbacks.append(stamp)
+
+
+class HookTimes:
+    """With KVMKT_TRACE=1 or KVMKT_TRACE=hooks (hooks only, no trace points inside them):
+    record how long each connector hook ran. Spans are logged in batches, outside any span
+    and at most about twice a second, so measuring costs a step almost nothing:
+    ``kvmkt-hooks <start ns>:<ns>:<hook> ...``. Time a hook spends waiting for a copy
+    (``waited_ns``) is left out: it is the copy's, not host work.
+    ``benchmarks/trace_breakdown.py`` sums them per import: our host work on its TTFT."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.enabled = os.environ.get("KVMKT_TRACE") in ("1", "hooks")
+        self._logger = logger
+        self._spans: list[tuple[int, int, str]] = []
+        self._flush_at = 0
+
+    def run(self, hook: str, fn: Callable[..., Any], *args: Any,
+            waited_ns: Callable[[], int] | None = None) -> Any:
+        t0 = time.monotonic_ns()
+        try:
+            return fn(*args)
+        finally:
+            t1 = time.monotonic_ns()
+            self._spans.append((t0, t1 - t0 - (waited_ns() if waited_ns else 0), hook))
+            if t1 >= self._flush_at:
+                self.flush()
+                self._flush_at = t1 + 500_000_000
+
+    def flush(self) -> None:
+        if self._spans:
+            spans, self._spans = self._spans, []
+            self._logger.info("kvmkt-hooks %s", " ".join(f"{t}:{ns}:{h}" for t, ns, h in spans))

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.metadata import MarketplaceConnectorMetadata, MarketplaceHandshake
-from kvmkt_connector.logs import get_logger
+from kvmkt_connector.logs import HookTimes, get_logger
 from kvmkt_connector.metrics import MarketplacePromMetrics, MarketplaceStats
 from kvmkt_connector.plugin import register as register_connector_name
 
@@ -106,6 +106,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
         cfg = MarketplaceConfig.from_extra_config(tc.kv_connector_extra_config)
         self._scheduler = None
         self._worker = None
+        self._hooks = HookTimes(logger)  # KVMKT_TRACE: how long our hooks run
         # Alone, vLLM's handshake channel brings the workers' layouts to the scheduler at
         # startup (an idle engine registers its exports before any request). Under
         # MultiConnector that channel carries one child's data to every child, so layouts
@@ -124,6 +125,9 @@ class MarketplaceConnector(KVConnectorBase_V1):
             export = cfg.enable_export and tc.kv_role in ("kv_producer", "kv_both")
             self._worker = MarketplaceWorker(vllm_config, cfg, kv_cache_config.num_blocks, export)
 
+    def _timed(self, hook: str, fn: Any, *args: Any, **kw: Any) -> Any:
+        return self._hooks.run(hook, fn, *args, **kw) if self._hooks.enabled else fn(*args)
+
     # ================================================================ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -137,7 +141,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, MarketplaceConnectorMetadata)
-        self._worker.run_jobs(meta)
+        self._timed("start_load_kv", self._worker.run_jobs, meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads are asynchronous: their requests run only once they are done
@@ -152,17 +156,24 @@ class MarketplaceConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # (sending, recving): we never delay freeing blocks, so never "sending".
-        return None, self._worker.get_finished() if self._worker is not None else None
+        if self._worker is None:
+            return None, None
+        return None, self._timed("get_finished", self._worker.get_finished,
+                                 waited_ns=self._worker.last_wait_ns)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors() if self._worker is not None else set()
+        if self._worker is None:
+            return set()
+        return self._timed("load_errors", self._worker.take_load_errors)
 
     def build_connector_worker_meta(self):
-        return self._worker.take_worker_meta() if self._worker is not None else None
+        if self._worker is None:
+            return None
+        return self._timed("worker_meta", self._worker.take_worker_meta)
 
     def get_kv_connector_stats(self) -> MarketplaceStats | None:
         half = self._worker or self._scheduler
-        return half.take_stats() if half is not None else None
+        return self._timed("stats", half.take_stats) if half is not None else None
 
     def mapped_regions(self) -> int:
         """Neighbours' regions this worker maps now (what ``vllm:kvmkt_mapped_regions``
@@ -170,6 +181,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
         return self._worker.mapped_regions() if self._worker is not None else 0
 
     def shutdown(self) -> None:
+        self._hooks.flush()
         half = self._worker or self._scheduler
         if half is not None:
             half.shutdown()
@@ -199,27 +211,32 @@ class MarketplaceConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self._timed("match", self._scheduler.get_num_new_matched_tokens, request,
+                           num_computed_tokens)
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
-        self._scheduler.update_state_after_alloc(request, block_ids, num_external_tokens)
+        self._timed("after_alloc", self._scheduler.update_state_after_alloc, request, block_ids,
+                    num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._scheduler.build_connector_meta(scheduler_output)
+        return self._timed("build_meta", self._scheduler.build_connector_meta, scheduler_output)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        self._scheduler.update_connector_output(connector_output)
+        self._timed("connector_output", self._scheduler.update_connector_output, connector_output)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return False, self._scheduler.request_finished(request, block_ids)
+        return False, self._timed("request_finished", self._scheduler.request_finished, request,
+                                  block_ids)
 
     def take_events(self):
-        return self._scheduler.take_events() if self._scheduler is not None else ()
+        if self._scheduler is None:
+            return ()
+        return self._timed("take_events", self._scheduler.take_events)
 
     def has_pending_push_work(self) -> bool:
         # Exports are copied one step after their request finished (and KV events wait to

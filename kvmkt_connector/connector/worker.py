@@ -236,6 +236,10 @@ class MarketplaceWorker:
             trace(logger, "-", f"worker-finished reported={len(finished)}")
         return finished or None
 
+    def last_wait_ns(self) -> int:
+        """How long the last ``get_finished`` waited for copies."""
+        return self._loads.last_wait_ns if self._loads is not None else 0
+
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors

@@ -138,10 +138,13 @@ class LookupTable:
     def run_upper_bound(self, keys: Sequence[bytes], exclude_bit: int | None = None) -> int:
         """A bound ``>= longest_run(keys)`` from O(log n) probes instead of n.
 
-        Bisects on "a holder of keys[0] also lists keys[i]", which holds for every i below
+        Searches on "a holder of keys[0] also lists keys[i]", which holds for every i below
         the true run; each i found false is at or past the run's end, so the answer never
         falls short. Chains are published as prefixes, so the bound is nearly always the
         run itself; a lease over ``keys[:bound]`` returns the exact run either way.
+        Gallops back from the end first, then bisects: a prompt is mostly a shared prefix
+        plus a short new part, so the run usually ends a few blocks before the last key
+        (~2 log2(new blocks) probes instead of log2(n); at worst about twice log2(n)).
         """
         if not keys:
             return 0
@@ -153,6 +156,13 @@ class LookupTable:
         if _holders_of(mapping, keys[-1], first):
             return len(keys)
         lo, hi = 0, len(keys) - 1  # true at lo, false at hi
+        step = 1
+        while hi - step > lo:
+            mid = hi - step
+            if _holders_of(mapping, keys[mid], first):
+                lo = mid
+                break
+            hi, step = mid, step * 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if _holders_of(mapping, keys[mid], first):

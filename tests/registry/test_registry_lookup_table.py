@@ -154,3 +154,33 @@ def test_run_upper_bound_never_falls_short_of_the_run(tmp_path) -> None:
         assert t.run_upper_bound(keys) >= t.longest_run(keys)
         w.close()
     writer.close()
+
+
+def test_run_upper_bound_is_exact_on_prefix_chains_and_gallops(tmp_path, monkeypatch) -> None:
+    """For a published prefix of any length the bound is the run itself; a run ending a few
+    blocks before the last key costs a few probes, not a whole bisection."""
+    import math
+    import random
+
+    from kvmkt_connector.registry import lookup_table
+
+    rng = random.Random(7)
+    keys = [rng.randbytes(16) for _ in range(1024)]
+    writer = LookupTableWriter(str(tmp_path / "t.table"), capacity_blocks=4096)
+    table = LookupTable.open(writer.path)
+    probes = []
+    real = lookup_table._holders_of
+    monkeypatch.setattr(lookup_table, "_holders_of",
+                        lambda *a: probes.append(1) or real(*a))  # fmt: skip
+    listed = 0
+    for run in (*range(1, 40), 100, 511, 512, 513, 700, 1000, *range(1005, 1025)):
+        for key in keys[listed:run]:
+            writer.key_listed(key, 1)
+        listed = run
+        probes.clear()
+        bound, n = table.run_upper_bound(keys), len(probes)
+        assert bound == table.longest_run(keys) == run
+        if run < 1024:  # (keys[0] and keys[-1] first, then the search)
+            assert n - 2 <= 2 * math.log2(1024 - run) + 2, (run, n)
+            assert n <= 2 * math.log2(1024) + 2
+    writer.close()

@@ -1,0 +1,78 @@
+"""HookTimes (KVMKT_TRACE=hooks) and the breakdown that sums it per import: the host-work
+table issue 10 asks for is only as good as these two."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+
+import pytest
+
+from kvmkt_connector.logs import HookTimes
+
+_BREAKDOWN = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "trace_breakdown.py")
+
+
+def _breakdown():
+    spec = importlib.util.spec_from_file_location("trace_breakdown", _BREAKDOWN)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("mode, on", [("hooks", True), ("1", True), ("0", False), ("", False)])
+def test_enabled_by_kvmkt_trace(monkeypatch, mode, on) -> None:
+    monkeypatch.setenv("KVMKT_TRACE", mode)
+    assert HookTimes(logging.getLogger("t")).enabled is on
+
+
+def test_span_leaves_out_the_copy_wait_and_survives_errors(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("KVMKT_TRACE", "hooks")
+    hooks = HookTimes(logging.getLogger("vllm.kvmkt.test"))
+
+    def work(x):
+        time.sleep(0.03)
+        return x + 1
+
+    with caplog.at_level(logging.INFO, logger="vllm.kvmkt.test"):
+        assert hooks.run("get_finished", work, 1, waited_ns=lambda: 25_000_000) == 2
+        with pytest.raises(ZeroDivisionError):
+            hooks.run("match", lambda: 1 / 0)  # batched: not logged yet
+        hooks.run("stats", lambda: None)
+        hooks.flush()
+    bd = _breakdown()
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 2  # the first span flushed at once, the next two together
+    spans = []
+    for msg in logged:
+        m = bd._HOOKS.search(msg)
+        spans += [(int(t), int(ns), h) for t, ns, h in bd._SPAN.findall(m[1])]
+    assert [h for _, _, h in spans] == ["get_finished", "match", "stats"]
+    assert 4_000_000 <= spans[0][1] < 25_000_000  # 30 ms slept, 25 ms of it the copy's wait
+    assert spans[0][0] < spans[1][0] < spans[2][0]
+
+
+def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
+    bd = _breakdown()
+    bench = tmp_path / "ttft.log"
+    bench.write_text("import-call 1000 5000 16384\nimport-call 6000 9000 16384\n"
+                     "hit-call 10000 12000 16384\n")  # fmt: skip
+    engine = tmp_path / "engine.log"
+    engine.write_text("\n".join([
+        "INFO kvmkt-hooks 999:7000000:match",  # before the first window: not counted
+        "(EngineCore) INFO [logs.py:55] kvmkt-hooks 1000:300000:match 2000:200000:build_meta",
+        "INFO kvmkt-hooks 4000:100000:build_meta 6500:500000:match",
+        "INFO kvmkt-trace 2500 r1 launched",
+        "INFO kvmkt-hooks 11000:50000:match",
+    ]) + "\n")  # fmt: skip
+    work = bd.host_work(bd.windows(str(bench)), bd.hook_spans(str(engine)))
+    first, second = work[("import", 16384)]
+    assert first == pytest.approx({"match": 0.3, "build_meta": 0.3, "total": 0.6})
+    assert second == pytest.approx({"match": 0.5, "total": 0.5})
+    assert work[("hit", 16384)] == [pytest.approx({"match": 0.05, "total": 0.05})]
+    assert bd.main([str(bench), str(engine)]) == 0
+    out = capsys.readouterr().out
+    total = next(ln for ln in out.splitlines() if ln.startswith("total"))
+    assert total.split()[1:] == ["0.050", "0.550"]  # hit, import (median of 0.6 and 0.5)
