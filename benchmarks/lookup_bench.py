@@ -51,7 +51,7 @@ def median_match_ms(reg: RegistryProcess, blocks: int, linked: bool, turn: int, 
         times.append(time.perf_counter() - t0)
         got = state.usable * BS if state.lease is not None else 0
         assert promised == got == blocks * BS, (promised, got, blocks)
-        planner.on_request_finished(req.request_id)
+        planner.on_request_finished(req.request_id)  # (tokens, keys)
     link.close()
     holder.close()
     return statistics.median(times) * 1e3

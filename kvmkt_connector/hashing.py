@@ -17,6 +17,8 @@ A running hash gives key i+1 from key i's state in one block's worth of work, an
 ``PrefixKeys`` keeps that state so a request's keys are extended, never recomputed. Any
 single key costs one pass over its prefix's bytes in C, so ``KeyProbe`` answers the few keys
 a lookup asks for (a bisection) without the per-block Python steps of computing them all.
+``KeySource`` answers the keys an export needs the same way, taking keys known already
+(a confirmed import's lease) as they are.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from collections.abc import Sequence
 import msgspec
 
 KEY_BYTES = 16
+# hashlib lets go of the GIL for updates over 2047 bytes. On vLLM's scheduler thread, getting
+# it back waits for whichever thread took it (up to sys.getswitchinterval(), 5 ms, measured:
+# 64 KB hashed in 4 KB pieces next to a busy thread took 10 ms instead of 32 us), so keys
+# are fed in smaller pieces.
+_GIL_KEPT = 2047
 _CHECKPOINT = 64  # blocks between the states a KeyProbe keeps along a long span
 HASH_SCHEME = "sha256-prefix-v1"
 _DOMAIN = b"kvmkt/block-keys/v1\x00"
@@ -46,7 +53,7 @@ class KeyScope(msgspec.Struct, frozen=True, array_like=True):
     lora_path: str | None = None
 
 
-def _token_bytes(token_ids: Sequence[int]) -> bytes:
+def token_bytes(token_ids: Sequence[int]) -> bytes:
     if type(token_ids) is list:  # (a slice of vLLM's ConstantList is one) fromlist: faster
         arr = array("I")
         arr.fromlist(token_ids)
@@ -55,6 +62,11 @@ def _token_bytes(token_ids: Sequence[int]) -> bytes:
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()
     return arr.tobytes()
+
+
+def _feed(update, data: memoryview) -> None:
+    for off in range(0, len(data), _GIL_KEPT):
+        update(data[off : off + _GIL_KEPT])
 
 
 class BlockKeyer:
@@ -105,9 +117,11 @@ class PrefixKeys:
         end -= end % self._block_size
         if end <= self._num_tokens:
             return self.keys
-        data = _token_bytes(token_ids[self._num_tokens : end])
+        data = token_bytes(token_ids[self._num_tokens : end])
         step = 4 * self._block_size
         update, copy, append = self._hasher.update, self._hasher.copy, self.keys.append
+        if step > _GIL_KEPT:  # (block sizes over 511 tokens)
+            update = lambda piece: _feed(self._hasher.update, memoryview(piece))  # noqa: E731
         for off in range(0, len(data), step):
             update(data[off : off + step])
             append(copy().digest()[:KEY_BYTES])
@@ -133,7 +147,7 @@ class KeyProbe:
         self._known = prefix.keys
         self._base = prefix.num_tokens // bs  # blocks already in prefix's running state
         self._step = 4 * bs
-        self._data = memoryview(_token_bytes(token_ids[self._base * bs : self._end * bs]))
+        self._data = memoryview(token_bytes(token_ids[self._base * bs : self._end * bs]))
         self._counts = [self._base]  # sorted block counts with a saved state
         self._states = {self._base: prefix._hasher.copy()}  # (extend() updates the original)
 
@@ -160,13 +174,52 @@ class KeyProbe:
         # Long spans keep a state every _CHECKPOINT blocks on the way, so later probes below
         # this one (bisection, spot checks) start near their block, not from the far start.
         for mark in range(at + _CHECKPOINT, block + 1, _CHECKPOINT):
-            hasher.update(self._data[(at - self._base) * self._step : (mark - self._base) * self._step])
+            _feed(hasher.update, self._data[(at - self._base) * self._step : (mark - self._base) * self._step])
             if mark not in self._states:
                 bisect.insort(self._counts, mark)
                 self._states[mark] = hasher.copy()
             at = mark
-        hasher.update(self._data[(at - self._base) * self._step : (block + 1 - self._base) * self._step])
+        _feed(hasher.update, self._data[(at - self._base) * self._step : (block + 1 - self._base) * self._step])
         if block + 1 not in self._states:
             bisect.insort(self._counts, block + 1)
             self._states[block + 1] = hasher  # digest() leaves the state as it was
         return hasher.digest()[:KEY_BYTES]
+
+
+class KeySource:
+    """Keys of blocks ``0 .. n - 1`` of a finished request, where only some are needed (an
+    export skips blocks it lists already): keys ``prefix`` holds, then ``known`` ones
+    (``(first block, keys)``: a confirmed import's lease), then the rest, hashed all at once
+    through ``prefix`` when more than ``bulk`` are missing, else one by one (``KeyProbe``)."""
+
+    __slots__ = ("_prefix", "_token_ids", "_n", "_first", "_known", "_probe")
+
+    def __init__(self, prefix: PrefixKeys, token_ids: Sequence[int], n: int, needed: Sequence[int],
+                 known: tuple[int, list[bytes]] | None = None, bulk: int = 64) -> None:
+        self._prefix, self._token_ids, self._n = prefix, token_ids, n
+        self._first, self._known = known if known is not None else (0, [])
+        self._probe: KeyProbe | None = None
+        # ``needed`` is ascending: count what is covered by bisection, not a loop
+        n_have, lo, hi = len(prefix.keys), self._first, self._first + len(self._known)
+        covered = bisect.bisect_left(needed, n_have)
+        lo = max(lo, n_have)
+        if hi > lo:
+            covered += bisect.bisect_left(needed, hi) - bisect.bisect_left(needed, lo)
+        if len(needed) - covered > bulk:
+            prefix.extend(token_ids, upto=n * prefix._block_size)
+
+    def take(self, blocks: Sequence[int]) -> list[bytes]:
+        """The keys of ``blocks`` (one loop: an export may need a thousand)."""
+        have, first, known = self._prefix.keys, self._first, self._known
+        n_have, n_known = len(have), len(known)
+        out = []
+        for i in blocks:
+            if i < n_have:
+                out.append(have[i])
+            elif 0 <= i - first < n_known:
+                out.append(known[i - first])
+            else:
+                if self._probe is None:
+                    self._probe = self._prefix.probe(self._token_ids, 0, self._n)
+                out.append(self._probe.block_key(i))
+        return out

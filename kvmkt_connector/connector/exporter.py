@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.holder_channel import HolderChannel
+from kvmkt_connector.connector.holder_channel import BlockTokenSpan, HolderChannel
 from kvmkt_connector.connector.metadata import SaveJob
-from kvmkt_connector.hashing import PrefixKeys
+from kvmkt_connector.hashing import KeySource, PrefixKeys, token_bytes
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.registry.protocol import BlockTokens
 from kvmkt_connector.transport.generations import (
     GenerationTable,
     decode_locations,
@@ -122,7 +122,7 @@ class ExportLedger:
         self._listed: dict[int, tuple[bytes, int]] = {}
         self._index_of: dict[bytes, int] = {}  # key -> index
         # Token ids sent with a key's publish, for instances' KV events (see kv_events.py)
-        self._tokens: dict[bytes, BlockTokens] = {}
+        self._tokens: dict[bytes, BlockTokenSpan] = {}
         # job -> keys, slots, parent keys
         self._staging: dict[int, tuple[list[bytes], list[int], list[bytes]]] = {}
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
@@ -140,10 +140,12 @@ class ExportLedger:
     # ------------------------------------------------------------ export
 
     def on_request_finished(
-        self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False
-    ) -> None:
+        self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False,
+        known: tuple[int, list[bytes]] | None = None,
+    ) -> None:  # fmt: skip
         """``describe``: send the blocks' token ids along (only for KV that token ids alone
-        determine: no cache salt, no LoRA), so other instances can announce them."""
+        determine: no cache salt, no LoRA), so other instances can announce them.
+        ``known``: (first block, keys) of a confirmed import into this request."""
         if not self._exporting:
             return
         # Export only KV that completed steps wrote: async scheduling advances
@@ -153,22 +155,36 @@ class ExportLedger:
         n = min(len(block_ids), min(written, request.num_tokens - 1) // self._bs)
         if n == 0:
             return
-        all_keys = keys.extend(request.all_token_ids, upto=n * self._bs)[:n]
-        new = [i for i in range(n) if all_keys[i] not in self._index_of]
+        if self.staged:
+            fresh: Sequence[int] = range(n)
+        else:
+            # In place, a block we list holds this prefix's KV at this position already:
+            # vLLM shared it with this request by hash, and any rewrite would have withdrawn
+            # it. So it is listed under this very key; only the others need keys (a prefix
+            # hit of 16k tokens then costs no hashing here, on vLLM's scheduler thread).
+            listed = self._listed
+            fresh = [i for i in range(n) if block_ids[i] not in listed]
+            if not fresh:
+                return
+        source = KeySource(keys, request.all_token_ids, n, fresh, known)
+        key_at = dict(zip(fresh, source.take(fresh), strict=True))
+        index_of = self._index_of
+        new = [i for i, k in key_at.items() if k not in index_of]
         if self.staged:  # slots are a hard limit; only a prefix is useful: keep the first
             new = new[: self._make_room(len(new))]
         if not new:
             return
-        new_keys = [all_keys[i] for i in new]
-        parents = [all_keys[i - 1] if i else b"" for i in new]  # importers lease by tail key
+        new_keys = [key_at[i] for i in new]
+        # importers lease by tail key: each key goes with its parent's
+        missing = [i - 1 for i in new if i and i - 1 not in key_at]
+        key_at.update(zip(missing, source.take(missing), strict=True))
+        parents = [key_at[i - 1] if i else b"" for i in new]
         blocks = [block_ids[i] for i in new]
-        if describe:
-            tokens = np.asarray(request.all_token_ids[: n * self._bs], dtype="<u4")
-            for i in new:
-                self._tokens[all_keys[i]] = BlockTokens(
-                    all_keys[i], all_keys[i - 1] if i else b"",
-                    tokens[i * self._bs : (i + 1) * self._bs].tobytes(),
-                )  # fmt: skip
+        if describe:  # (BlockTokens are made by the channel's thread: see BlockTokenSpan)
+            lo, step = new[0], 4 * self._bs
+            blob = token_bytes(request.all_token_ids[lo * self._bs : (new[-1] + 1) * self._bs])
+            for k, p, i in zip(new_keys, parents, new, strict=True):
+                self._tokens[k] = (k, p, blob, (i - lo) * step, (i - lo + 1) * step)
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -180,8 +196,7 @@ class ExportLedger:
             self._pending_jobs.append(job)
             self._remember(new_keys, slots, locations)  # published once the copy is done
         else:
-            assert self._gens is not None
-            self._withdraw(blocks)  # those that held another key
+            assert self._gens is not None  # (none of these blocks is listed: see above)
             locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents))
@@ -222,7 +237,7 @@ class ExportLedger:
         if keys:
             self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys), parents)
 
-    def _take_tokens(self, keys: list[bytes]) -> list[BlockTokens]:
+    def _take_tokens(self, keys: list[bytes]) -> list[BlockTokenSpan]:
         return [t for t in (self._tokens.pop(k, None) for k in keys) if t is not None]
 
     def take_jobs(self) -> list[SaveJob]:

@@ -32,6 +32,7 @@ from kvmkt_connector.logs import get_logger
 from kvmkt_connector.registry.client import RegistryClient
 from kvmkt_connector.registry.protocol import (
     PUBLISH_CHUNK_BYTES,
+    BlockTokens,
     location_chunks,
     publish_chunks,
 )
@@ -39,6 +40,17 @@ from kvmkt_connector.registry.protocol import (
 logger = get_logger(__name__)
 _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 5.0
+
+
+# A block's tokens as (key, parent key, token bytes, start, end): a span of its request's
+# token bytes. The channel's thread makes the BlockTokens, not vLLM's scheduler thread (an
+# export of 16k tokens describes ~1k blocks).
+BlockTokenSpan = tuple[bytes, bytes, bytes, int, int]
+
+
+def block_tokens(tokens: list) -> list[BlockTokens]:
+    return [t if isinstance(t, BlockTokens) else BlockTokens(t[0], t[1], t[2][t[3] : t[4]])
+            for t in tokens]  # fmt: skip
 
 
 @dataclass
@@ -103,7 +115,8 @@ class HolderChannel:
         parents: list[bytes] | None = None,
     ) -> None:  # fmt: skip
         """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped);
-        ``tokens``: ``BlockTokens`` of some of them (sent again when publishing again);
+        ``tokens``: ``BlockTokens`` (or ``BlockTokenSpan``) of some of them (sent again when
+        publishing again);
         ``parents``: per key, the key before it (b"" for a first block)."""
         self._ops.put(("publish", keys, locations, epoch, tokens or [],
                        parents or [b""] * len(keys)))
@@ -179,6 +192,7 @@ class HolderChannel:
             _, keys, locations, epoch, tokens, parents = op
             if epoch != self._epoch:  # pages from before a cache reset
                 return
+            tokens = block_tokens(tokens)
             self._offered.update(zip(locations, zip(keys, parents, strict=True), strict=True))
             self._remember_tokens(tokens)
             self._publish(client, keys, locations, tokens, parents, count=True)
@@ -232,7 +246,7 @@ class HolderChannel:
             return
         if op[0] == "publish" and op[3] == self._epoch and not unknown:
             self._offered.update(zip(op[2], zip(op[1], op[5], strict=True), strict=True))
-            self._remember_tokens(op[4])
+            self._remember_tokens(block_tokens(op[4]))
         elif op[0] == "unpublish":
             for loc in op[1]:
                 self._offered.pop(loc, None)

@@ -74,6 +74,9 @@ class _RequestImport:
     usable: int = 0  # leased blocks whose pages are still the published ones (asked: promised)
     job_id: int | None = None  # the copy planned or in flight
     imported_tokens: int = 0  # confirmed
+    # (first block, keys) of the last confirmed import: the request's keys at those blocks
+    # as far as the holder is trusted, which it was with the KV itself (see ``exported_keys``)
+    confirmed: tuple[int, list[bytes]] | None = None
     failed: bool = False  # an import failed: this request prefills from now on
     asked: _LeaseAsked | None = None  # the lease reply not read yet
 
@@ -93,6 +96,8 @@ class _Inflight:
     request_id: str
     tokens: int
     blocks: int
+    start_block: int = 0
+    keys: list[bytes] | None = None  # of the blocks copied
 
 
 class ImportPlanner:
@@ -338,7 +343,7 @@ class ImportPlanner:
             ))  # fmt: skip
             self._inflight[plan.job_id] = _Inflight(
                 state.epoch, lease.lease_id if lease else None, plan.request_id,
-                n * self._block_size, n,
+                n * self._block_size, n, state.start_block, state.keys[:n],
             )  # fmt: skip
             state.lease = None  # the lease is the job's now
         return jobs
@@ -359,6 +364,8 @@ class ImportPlanner:
                 state.job_id = None
                 state.failed = state.failed or failed
                 state.imported_tokens += 0 if failed else job.tokens
+                if not failed and job.blocks:
+                    state.confirmed = (job.start_block, job.keys or [])
 
     def has_pending_load(self, request_id: str) -> bool:
         """Whether a copy into this request's blocks is not confirmed done yet."""
@@ -366,14 +373,23 @@ class ImportPlanner:
             plan.request_id == request_id for plan in self._planned
         )
 
-    def on_request_finished(self, request_id: str) -> int:
-        """Release what the request still holds; return the tokens it imported. A copy
-        still in flight (an abort) keeps its lease until the workers report it."""
+    def on_request_finished(self, request_id: str) -> tuple[int, tuple[int, list[bytes]] | None]:
+        """Release what the request still holds; return the tokens it imported and
+        ``exported_keys``. A copy still in flight (an abort) keeps its lease until the
+        workers report it."""
         state = self._requests.pop(request_id, None)
         if state is None:
-            return 0
+            return 0, None
         self._release(state)
-        return state.imported_tokens
+        return state.imported_tokens, self.exported_keys(state)
+
+    def exported_keys(self, state: _RequestImport) -> tuple[int, list[bytes]] | None:
+        """(first block, keys) the export of this request may take as they are, without
+        hashing its prompt again: those of its last confirmed import. They are the lease's,
+        checked against ours as that copy required (all of them for staged slots, spot
+        checks for in-place pages: see ``_ours``), so re-offering the imported KV under
+        them trusts the holder no further than importing it did."""
+        return state.confirmed
 
     def shutdown(self) -> None:
         """Our registry connection closes next, which ends its leases (asked ones too)."""

@@ -355,7 +355,7 @@ class MarketplaceScheduler:
         if request.request_id in self._not_run:
             self._not_run.discard(request.request_id)
             unsure = True
-        imported = self._planner.on_request_finished(request.request_id)
+        imported, known = self._planner.on_request_finished(request.request_id)
         self._stats_gate.on_request_finished(
             request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
@@ -365,7 +365,8 @@ class MarketplaceScheduler:
                 if keys is None:
                     keys = self._keyer.start(scope)
                 # Token ids alone (what routers key by) determine only unscoped KV.
-                self._ledger.on_request_finished(request, block_ids, keys, scope == KeyScope())
+                self._ledger.on_request_finished(request, block_ids, keys, scope == KeyScope(),
+                                                 known)
         if self._keyer is None:
             return None
         return {"kvmkt": {"imported_tokens": imported}}

@@ -74,6 +74,7 @@ class GenerationTable:
             raise TransferError(f"{path} is not a generation table of {num_blocks} blocks")
         self.generations = np.frombuffer(self._mmap, dtype=np.uint32, count=num_blocks,
                                          offset=_HEADER_BYTES)
+        self._gens_mv = memoryview(self.generations).cast("B").cast("I")
 
     @classmethod
     def create(cls, path: str, num_blocks: int) -> GenerationTable:
@@ -111,8 +112,12 @@ class GenerationTable:
         self.generations[:] = next_generations(self.generations)
 
     def locations(self, block_ids: list[int]) -> list[int]:
-        blocks = np.asarray(block_ids, dtype=np.int64)
-        return encode_locations(blocks, self.generations[blocks])
+        # Plain Python on purpose: numpy lets go of the GIL for arrays this size, and on
+        # vLLM's scheduler thread getting it back can wait for a busy thread (ms, measured).
+        gens, num_blocks = self._gens_mv, self.num_blocks
+        if any(not 0 <= b < num_blocks for b in block_ids):
+            raise IndexError("block id out of range")
+        return [(gens[b] << BLOCK_BITS) | b for b in block_ids]
 
     # ------------------------------------------------------------ importer
 
@@ -126,6 +131,7 @@ class GenerationTable:
 
     def close(self) -> None:
         self.generations = None  # type: ignore[assignment]
+        self._gens_mv.release()
         with contextlib.suppress(BufferError):
             self._mmap.close()
         if self.writable:

@@ -98,7 +98,7 @@ def _export(ledger, pool, rid, n_blocks, seed, status=RequestStatus.FINISHED_LEN
     keys = BlockKeyer(NS, BS).start(KeyScope())
     ledger.on_request_finished(req, [b.block_id for b in blocks], keys)
     pool.free_blocks(blocks)  # the request finishes: its blocks go back to vLLM
-    return keys.keys[:n_blocks], blocks
+    return BlockKeyer(NS, BS).keys(tokens)[:n_blocks], blocks
 
 
 def test_in_place_export_holds_no_blocks_and_rewrites_withdraw(registry, tmp_path):
@@ -231,4 +231,38 @@ def test_blocks_of_steps_still_in_flight_are_not_exported(registry, tmp_path):
     pool.free_blocks(blocks)
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
         _settle(ledger, lambda: q.status().published_blocks == 6)
+    ledger.shutdown()
+
+
+def test_in_place_export_hashes_only_what_it_does_not_list(registry, tmp_path):
+    """A request ending on blocks the ledger lists (a prefix hit) hashes nothing and publishes
+    nothing again; a longer one on the same blocks publishes only its new tail, under the
+    keys and parents a full hash gives; a confirmed import's keys are taken as they are
+    (shown with a deliberately different key: the import was trusted with that KV)."""
+    pool = BlockPool(num_gpu_blocks=201, enable_caching=True, hash_block_size=BS)
+    ledger, channel = _ledger(registry, pool, tmp=str(tmp_path))
+    tokens = [(31 * i) % 50000 for i in range(300 * BS)]
+    full = BlockKeyer(NS, BS).keys(tokens)
+    blocks = [b.block_id for b in pool.get_new_blocks(140)]
+    first = BlockKeyer(NS, BS).start(KeyScope())
+    ledger.on_request_finished(_request("a", tokens[: 100 * BS + 3]), blocks[:101], first)
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        _settle(ledger, lambda: q.lookup(NS, full[:100])[1] == 100)
+        hit = BlockKeyer(NS, BS).start(KeyScope())
+        ledger.on_request_finished(_request("b", tokens[: 100 * BS + 3]), blocks[:101], hit)
+        assert hit.keys == [] and not ledger.has_pending()  # all listed: no hashing, no publish
+        longer = BlockKeyer(NS, BS).start(KeyScope())
+        ledger.on_request_finished(_request("c", tokens[: 103 * BS + 3]), blocks[:104], longer)
+        assert longer.keys == []  # three new blocks: hashed one by one, not the whole prompt
+        _settle(ledger, lambda: q.lookup(NS, full[:103])[1] == 103)
+        assert q.status().published_blocks == 103
+        # Blocks 103.. were imported under a lease: its keys are used, not recomputed.
+        known = full[103:130]
+        odd = bytes(16 * [7])
+        known[10] = odd  # (not this prompt's key: proves the lease's keys are what is used)
+        ledger.on_request_finished(_request("d", tokens[: 131 * BS + 3]), blocks[:131],
+                                   BlockKeyer(NS, BS).start(KeyScope()), known=(103, known))
+        _settle(ledger, lambda: q.lookup(NS, full[:113])[1] == 113)
+        assert q.lookup(NS, full[:113] + [odd])[1] == 114
+        assert q.lookup(NS, full[:131])[1] == 113  # the real key 113 was never published
     ledger.shutdown()
