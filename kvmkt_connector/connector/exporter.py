@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.holder_channel import BlockTokenSpan, HolderChannel
+from kvmkt_connector.connector.holder_channel import HolderChannel, TokenRun
 from kvmkt_connector.connector.metadata import SaveJob
 from kvmkt_connector.hashing import KeySource, PrefixKeys, token_bytes
 from kvmkt_connector.logs import get_logger
@@ -121,10 +121,9 @@ class ExportLedger:
         # index (block id or slot) -> (key, published location); staged: also while staging
         self._listed: dict[int, tuple[bytes, int]] = {}
         self._index_of: dict[bytes, int] = {}  # key -> index
-        # Token ids sent with a key's publish, for instances' KV events (see kv_events.py)
-        self._tokens: dict[bytes, BlockTokenSpan] = {}
         # job -> keys, slots, parent keys
-        self._staging: dict[int, tuple[list[bytes], list[int], list[bytes]]] = {}
+        # Token ids go with an export's publish, for instances' KV events (kv_events.py)
+        self._staging: dict[int, tuple[list[bytes], list[int], list[bytes], TokenRun | None]] = {}
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
         self._pending_jobs: list[SaveJob] = []
         self._generation = channel.generation
@@ -135,7 +134,9 @@ class ExportLedger:
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)
         # in place: (first step scheduled after the finish, keys, blocks, locations, parents)
-        self._waiting: deque[tuple[int, list[bytes], list[int], list[int], list[bytes]]] = deque()
+        self._waiting: deque[
+            tuple[int, list[bytes], list[int], list[int], list[bytes], TokenRun | None]
+        ] = deque()  # fmt: skip
 
     # ------------------------------------------------------------ export
 
@@ -180,11 +181,11 @@ class ExportLedger:
         key_at.update(zip(missing, source.take(missing), strict=True))
         parents = [key_at[i - 1] if i else b"" for i in new]
         blocks = [block_ids[i] for i in new]
-        if describe:  # (BlockTokens are made by the channel's thread: see BlockTokenSpan)
-            lo, step = new[0], 4 * self._bs
+        run = None
+        if describe:  # (the channel's thread makes the BlockTokens: see TokenRun)
+            lo = new[0]
             blob = token_bytes(request.all_token_ids[lo * self._bs : (new[-1] + 1) * self._bs])
-            for k, p, i in zip(new_keys, parents, new, strict=True):
-                self._tokens[k] = (k, p, blob, (i - lo) * step, (i - lo + 1) * step)
+            run = TokenRun(new_keys, parents, new, blob, lo, 4 * self._bs)
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -192,14 +193,14 @@ class ExportLedger:
             locations = encode_locations(idx, self._slot_generation[idx])
             job = SaveJob(self._next_job, blocks, slots, new_keys)
             self._next_job += 1
-            self._staging[job.job_id] = (new_keys, slots, parents)
+            self._staging[job.job_id] = (new_keys, slots, parents, run)
             self._pending_jobs.append(job)
             self._remember(new_keys, slots, locations)  # published once the copy is done
         else:
             assert self._gens is not None  # (none of these blocks is listed: see above)
             locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
-            self._waiting.append((self.step + 1, new_keys, blocks, locations, parents))
+            self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run))
         self._update_gauges()
 
     def _make_room(self, wanted: int) -> int:
@@ -226,19 +227,18 @@ class ExportLedger:
     def _publish_settled(self) -> None:
         """Publish what waited for the steps in flight at its finish to end, unless it was
         rewritten or withdrawn meanwhile (then it is no longer listed as it was)."""
-        keys, locations, parents = [], [], []
+        keys, locations, parents, runs = [], [], [], []
         while self._waiting and self._waiting[0][0] <= self._acked:
-            _, ks, blocks, locs, ps = self._waiting.popleft()
+            _, ks, blocks, locs, ps, run = self._waiting.popleft()
             for k, b, loc, p in zip(ks, blocks, locs, ps, strict=True):
                 if self._listed.get(b) == (k, loc):
                     keys.append(k)
                     locations.append(loc)
                     parents.append(p)
-        if keys:
-            self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys), parents)
-
-    def _take_tokens(self, keys: list[bytes]) -> list[BlockTokenSpan]:
-        return [t for t in (self._tokens.pop(k, None) for k in keys) if t is not None]
+            if run is not None:
+                runs.append(run)
+        if keys:  # (the channel describes only the keys published)
+            self._channel.publish(keys, locations, self._epoch, runs, parents)
 
     def take_jobs(self) -> list[SaveJob]:
         jobs, self._pending_jobs = self._pending_jobs, []
@@ -249,12 +249,12 @@ class ExportLedger:
             staged = self._staging.pop(job_id, None)
             if staged is None:
                 continue
-            keys, slots, parents = staged
+            keys, slots, parents, run = staged
             if failed or job_id in self._cancelled:
                 self._forget(slots)
             else:
                 locations = [self._listed[s][1] for s in slots]
-                self._channel.publish(keys, locations, self._epoch, self._take_tokens(keys),
+                self._channel.publish(keys, locations, self._epoch, [run] if run else [],
                                       parents)
             self._cancelled.discard(job_id)
         self._update_gauges()
@@ -289,9 +289,6 @@ class ExportLedger:
         index_of = self._index_of
         for _, (key, _) in gone:
             index_of.pop(key, None)
-        if self._tokens:
-            for _, (key, _) in gone:
-                self._tokens.pop(key, None)
         if self.staged:
             self._free_slots.extend(i for i, _ in gone)
         self._stats.count("released_blocks", len(gone))
@@ -324,7 +321,7 @@ class ExportLedger:
         self._update_gauges()
 
     def _staging_slots(self) -> set[int]:
-        return {s for _, slots, _ in self._staging.values() for s in slots}
+        return {s for _, slots, _, _ in self._staging.values() for s in slots}
 
     def _update_gauges(self) -> None:
         self._stats.gauge("exported_pages", len(self._listed))

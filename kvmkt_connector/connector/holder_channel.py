@@ -42,15 +42,33 @@ _BACKOFF_MIN_S = 0.2
 _BACKOFF_MAX_S = 5.0
 
 
-# A block's tokens as (key, parent key, token bytes, start, end): a span of its request's
-# token bytes. The channel's thread makes the BlockTokens, not vLLM's scheduler thread (an
-# export of 16k tokens describes ~1k blocks).
-BlockTokenSpan = tuple[bytes, bytes, bytes, int, int]
+@dataclass(frozen=True)
+class TokenRun:
+    """The token ids of an export's blocks: the blocks at ``positions`` (of their request)
+    are ``blob[(p - first) * step : (p - first + 1) * step]``. The channel's thread makes
+    the BlockTokens of those it publishes, not vLLM's scheduler thread (an export of 16k
+    tokens describes a thousand blocks)."""
+
+    keys: list[bytes]
+    parents: list[bytes]
+    positions: list[int]
+    blob: bytes
+    first: int
+    step: int
 
 
-def block_tokens(tokens: list) -> list[BlockTokens]:
-    return [t if isinstance(t, BlockTokens) else BlockTokens(t[0], t[1], t[2][t[3] : t[4]])
-            for t in tokens]  # fmt: skip
+def block_tokens(tokens: list, keys: list[bytes]) -> list[BlockTokens]:
+    """BlockTokens of ``keys`` from ``tokens`` (BlockTokens, or TokenRuns)."""
+    wanted = set(keys)
+    out = []
+    for t in tokens:
+        if isinstance(t, BlockTokens):
+            out.append(t)
+            continue
+        blob, first, step = t.blob, t.first, t.step
+        out += [BlockTokens(k, p, blob[(i - first) * step : (i - first + 1) * step])
+                for k, p, i in zip(t.keys, t.parents, t.positions, strict=True) if k in wanted]
+    return out
 
 
 @dataclass
@@ -115,8 +133,8 @@ class HolderChannel:
         parents: list[bytes] | None = None,
     ) -> None:  # fmt: skip
         """Offer pages the ledger knew under cache epoch ``epoch`` (older: dropped);
-        ``tokens``: ``BlockTokens`` (or ``BlockTokenSpan``) of some of them (sent again when
-        publishing again);
+        ``tokens``: ``BlockTokens`` or ``TokenRun``s describing some of them (sent again
+        when publishing again);
         ``parents``: per key, the key before it (b"" for a first block)."""
         self._ops.put(("publish", keys, locations, epoch, tokens or [],
                        parents or [b""] * len(keys)))
@@ -192,7 +210,7 @@ class HolderChannel:
             _, keys, locations, epoch, tokens, parents = op
             if epoch != self._epoch:  # pages from before a cache reset
                 return
-            tokens = block_tokens(tokens)
+            tokens = block_tokens(tokens, keys)
             self._offered.update(zip(locations, zip(keys, parents, strict=True), strict=True))
             self._remember_tokens(tokens)
             self._publish(client, keys, locations, tokens, parents, count=True)
@@ -246,7 +264,7 @@ class HolderChannel:
             return
         if op[0] == "publish" and op[3] == self._epoch and not unknown:
             self._offered.update(zip(op[2], zip(op[1], op[5], strict=True), strict=True))
-            self._remember_tokens(block_tokens(op[4]))
+            self._remember_tokens(block_tokens(op[4], op[1]))
         elif op[0] == "unpublish":
             for loc in op[1]:
                 self._offered.pop(loc, None)
