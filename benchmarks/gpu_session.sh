@@ -55,15 +55,16 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
         python3 -c 'import vllm, kvmkt_connector; print(vllm.__version__)'"
       ;;
     tests)
-      # per-test timeout: a hang shows its stacks and the run still reaches its summary
-      run tests python3 -m pytest -s -q -rfE -p no:cacheprovider --timeout 180 \
+      # per-test timeout (the first test also waits for four engines to start one after the
+      # other: 200 s on a slow host): a hang shows its stacks and the run still ends
+      run tests python3 -m pytest -s -q -rfE -p no:cacheprovider --timeout 300 \
         tests/gpu tests/unit/test_native.py
       ;;
     tests-shm)
       # the same engines over page-locked shared host memory (GPUs without peer access)
       df -h /dev/shm
       run tests-shm env KVMKT_GPU_TRANSPORT=host_shm python3 -m pytest -s -q -rfE -p no:cacheprovider \
-        --timeout 180 tests/gpu
+        --timeout 300 tests/gpu
       ;;
     transport)
       run transport python3 benchmarks/transport_bench.py --sweep
