@@ -10,7 +10,8 @@
 #   tests-shm  tests/gpu over transport host_shm (page-locked shared host memory)
 #   transport  benchmarks/transport_bench.py --sweep (kernel launch shapes, host_shm rows)
 #   demo     the two-engine demo with a 16k-token shared prefix, Llama-3-8B shape
-#   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot); TTFT_ARGS="--reps 10" for more calls
+#   ttft     benchmarks/ttft_bench.py (TTFT arms, overhead, plot); TTFT_ARGS="--reps 10" for more calls;
+#            KVMKT_TRACE=hooks: our hooks' time per import; KVMKT_PROFILE=1: cProfile in B's hooks
 #   soak     benchmarks/soak.py: >= 10k import cycles A -> B checked against R, resources at
 #            start and end (timeout 420 s, so "install soak" fits one 580 s call)
 #   serve    benchmarks/serve_bench.py: `vllm serve` exporter/importer/no-connector and an
@@ -77,8 +78,13 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
       ;;
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT" ${TTFT_ARGS:-}
-      if [ -n "${KVMKT_TRACE:-}" ] && [ "${KVMKT_TRACE}" != 0 ]; then
+      if [ -n "${KVMKT_TRACE:-}${KVMKT_PROFILE:-}" ] && [ "${KVMKT_TRACE:-}" != 0 ]; then
         run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
+      fi
+      if [ -n "${KVMKT_PROFILE:-}" ]; then  # cProfile inside B's hooks (logs.HookTimes)
+        run profile python3 -c "import glob, pstats
+for f in sorted(glob.glob('$OUT/profile-B/*.pstats')):
+    print('==', f); pstats.Stats(f).sort_stats('tottime').print_stats(35)"
       fi
       ;;
     soak)

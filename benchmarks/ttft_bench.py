@@ -98,7 +98,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
         for name, kw, gpus in specs:
-            engines[name] = EngineProcess(kw, dict(env, CUDA_VISIBLE_DEVICES=gpus),
+            extra = ({"KVMKT_PROFILE": os.path.join(args.out, f"profile-{name}")}
+                     if os.environ.get("KVMKT_PROFILE") else {})  # (see logs.HookTimes)
+            engines[name] = EngineProcess(kw, dict(env, CUDA_VISIBLE_DEVICES=gpus, **extra),
                                           os.path.join(args.out, "logs", f"ttft-engine-{name}.log"))
             if not pair or name != "A":  # engines sharing a GPU start one at a time
                 for e in engines.values():

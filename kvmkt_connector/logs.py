@@ -40,27 +40,50 @@ class HookTimes:
     and at most about twice a second, so measuring costs a step almost nothing:
     ``kvmkt-hooks <start ns>:<ns>:<hook> ...``. Time a hook spends waiting for a copy
     (``waited_ns``) is left out: it is the copy's, not host work.
-    ``benchmarks/trace_breakdown.py`` sums them per import: our host work on its TTFT."""
+    ``benchmarks/trace_breakdown.py`` sums them per import: our host work on its TTFT.
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self.enabled = os.environ.get("KVMKT_TRACE") in ("1", "hooks")
+    KVMKT_PROFILE=<dir> also runs cProfile inside the hooks (only there) and writes its
+    statistics to ``<dir>/<role>-<pid>.pstats`` every few seconds and at shutdown: where
+    the host work goes, function by function (``python -m pstats``)."""
+
+    def __init__(self, logger: logging.Logger, role: str = "") -> None:
+        self._profile_path = ""
+        self._profile: Any = None
+        if profile_dir := os.environ.get("KVMKT_PROFILE"):
+            import cProfile
+
+            os.makedirs(profile_dir, exist_ok=True)
+            self._profile_path = os.path.join(profile_dir, f"{role or 'hooks'}-{os.getpid()}.pstats")
+            self._profile = cProfile.Profile()
+        self.enabled = os.environ.get("KVMKT_TRACE") in ("1", "hooks") or self._profile is not None
         self._logger = logger
         self._spans: list[tuple[int, int, str]] = []
         self._flush_at = 0
+        self._dump_at = 0
 
     def run(self, hook: str, fn: Callable[..., Any], *args: Any,
             waited_ns: Callable[[], int] | None = None) -> Any:
+        if self._profile is not None:
+            self._profile.enable()
         t0 = time.monotonic_ns()
         try:
             return fn(*args)
         finally:
             t1 = time.monotonic_ns()
+            if self._profile is not None:
+                self._profile.disable()
             self._spans.append((t0, t1 - t0 - (waited_ns() if waited_ns else 0), hook))
             if t1 >= self._flush_at:
                 self.flush()
                 self._flush_at = t1 + 500_000_000
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         if self._spans:
             spans, self._spans = self._spans, []
             self._logger.info("kvmkt-hooks %s", " ".join(f"{t}:{ns}:{h}" for t, ns, h in spans))
+        if self._profile is not None and (final or time.monotonic() >= self._dump_at):
+            self._dump_at = time.monotonic() + 5.0
+            try:
+                self._profile.dump_stats(self._profile_path)
+            except OSError as e:
+                self._logger.warning("kvmkt: cannot write %s: %s", self._profile_path, e)

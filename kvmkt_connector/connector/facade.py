@@ -106,7 +106,8 @@ class MarketplaceConnector(KVConnectorBase_V1):
         cfg = MarketplaceConfig.from_extra_config(tc.kv_connector_extra_config)
         self._scheduler = None
         self._worker = None
-        self._hooks = HookTimes(logger)  # KVMKT_TRACE: how long our hooks run
+        # KVMKT_TRACE / KVMKT_PROFILE: how long our hooks run, and where
+        self._hooks = HookTimes(logger, "scheduler" if role == KVConnectorRole.SCHEDULER else "worker")
         # Alone, vLLM's handshake channel brings the workers' layouts to the scheduler at
         # startup (an idle engine registers its exports before any request). Under
         # MultiConnector that channel carries one child's data to every child, so layouts
@@ -181,7 +182,7 @@ class MarketplaceConnector(KVConnectorBase_V1):
         return self._worker.mapped_regions() if self._worker is not None else 0
 
     def shutdown(self) -> None:
-        self._hooks.flush()
+        self._hooks.flush(final=True)
         half = self._worker or self._scheduler
         if half is not None:
             half.shutdown()

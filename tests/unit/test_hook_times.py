@@ -24,11 +24,13 @@ def _breakdown():
 
 @pytest.mark.parametrize("mode, on", [("hooks", True), ("1", True), ("0", False), ("", False)])
 def test_enabled_by_kvmkt_trace(monkeypatch, mode, on) -> None:
+    monkeypatch.delenv("KVMKT_PROFILE", raising=False)
     monkeypatch.setenv("KVMKT_TRACE", mode)
     assert HookTimes(logging.getLogger("t")).enabled is on
 
 
 def test_span_leaves_out_the_copy_wait_and_survives_errors(monkeypatch, caplog) -> None:
+    monkeypatch.delenv("KVMKT_PROFILE", raising=False)
     monkeypatch.setenv("KVMKT_TRACE", "hooks")
     hooks = HookTimes(logging.getLogger("vllm.kvmkt.test"))
 
@@ -76,3 +78,26 @@ def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     total = next(ln for ln in out.splitlines() if ln.startswith("total"))
     assert total.split()[1:] == ["0.050", "0.550"]  # hit, import (median of 0.6 and 0.5)
+
+
+def test_profile_covers_only_the_hooks(monkeypatch, tmp_path) -> None:
+    import pstats
+
+    monkeypatch.setenv("KVMKT_TRACE", "0")
+    monkeypatch.setenv("KVMKT_PROFILE", str(tmp_path / "prof"))
+    hooks = HookTimes(logging.getLogger("vllm.kvmkt.test"), "scheduler")
+    assert hooks.enabled
+
+    def inside_a_hook():
+        return sum(range(1000))
+
+    def outside():
+        return sum(range(1000))
+
+    hooks.run("match", inside_a_hook)
+    outside()
+    hooks.flush(final=True)
+    (path,) = (tmp_path / "prof").iterdir()
+    assert path.name.startswith("scheduler-") and path.suffix == ".pstats"
+    names = {fn for (_, _, fn) in pstats.Stats(str(path)).stats}
+    assert "inside_a_hook" in names and "outside" not in names
