@@ -209,9 +209,11 @@ class KeySource:
             prefix.extend(token_ids, upto=n * prefix._block_size)
 
     def take(self, blocks: Sequence[int]) -> list[bytes]:
-        """The keys of ``blocks`` (one loop: an export may need a thousand)."""
+        """The keys of ``blocks`` (a range of them by slices: an export may need a thousand)."""
         have, first, known = self._prefix.keys, self._first, self._known
         n_have, n_known = len(have), len(known)
+        if isinstance(blocks, range) and blocks.step == 1:
+            return self._take_range(blocks.start, blocks.stop)
         out = []
         for i in blocks:
             if i < n_have:
@@ -222,4 +224,20 @@ class KeySource:
                 if self._probe is None:
                     self._probe = self._prefix.probe(self._token_ids, 0, self._n)
                 out.append(self._probe.block_key(i))
+        return out
+
+    def _take_range(self, i: int, stop: int) -> list[bytes]:
+        have, first, known = self._prefix.keys, self._first, self._known
+        out: list[bytes] = []
+        while i < stop:
+            if i < len(have):
+                j = min(stop, len(have))
+                out += have[i:j]
+            elif 0 <= i - first < len(known):
+                j = min(stop, first + len(known))
+                out += known[i - first : j - first]
+            else:
+                out += self.take([i])
+                j = i + 1
+            i = j
         return out

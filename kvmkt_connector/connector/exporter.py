@@ -156,31 +156,41 @@ class ExportLedger:
         n = min(len(block_ids), min(written, request.num_tokens - 1) // self._bs)
         if n == 0:
             return
-        if self.staged:
-            fresh: Sequence[int] = range(n)
-        else:
+        # (Set operations first: a 16k-token export is a thousand blocks, and per-block
+        # Python here runs on vLLM's scheduler thread before the request's output goes out.)
+        fresh: Sequence[int] = range(n)
+        if not self.staged and not self._listed.keys().isdisjoint(block_ids[:n]):
             # In place, a block we list holds this prefix's KV at this position already:
             # vLLM shared it with this request by hash, and any rewrite would have withdrawn
             # it. So it is listed under this very key; only the others need keys (a prefix
-            # hit of 16k tokens then costs no hashing here, on vLLM's scheduler thread).
+            # hit of 16k tokens then costs no hashing here).
             listed = self._listed
             fresh = [i for i in range(n) if block_ids[i] not in listed]
             if not fresh:
                 return
         source = KeySource(keys, request.all_token_ids, n, fresh, known)
-        key_at = dict(zip(fresh, source.take(fresh), strict=True))
-        index_of = self._index_of
-        new = [i for i, k in key_at.items() if k not in index_of]
+        fresh_keys = source.take(fresh)
+        new, new_keys = fresh, fresh_keys
+        if not self._index_of.keys().isdisjoint(fresh_keys):  # some listed at other blocks
+            index_of = self._index_of
+            kept = [(i, k) for i, k in zip(fresh, fresh_keys, strict=True) if k not in index_of]
+            new, new_keys = [i for i, _ in kept], [k for _, k in kept]
         if self.staged:  # slots are a hard limit; only a prefix is useful: keep the first
-            new = new[: self._make_room(len(new))]
+            m = self._make_room(len(new))
+            new, new_keys = new[:m], new_keys[:m]
         if not new:
             return
-        new_keys = [key_at[i] for i in new]
         # importers lease by tail key: each key goes with its parent's
-        missing = [i - 1 for i in new if i and i - 1 not in key_at]
-        key_at.update(zip(missing, source.take(missing), strict=True))
-        parents = [key_at[i - 1] if i else b"" for i in new]
-        blocks = [block_ids[i] for i in new]
+        if isinstance(new, range):
+            first_parent = source.take([new[0] - 1])[0] if new[0] else b""
+            parents = [first_parent, *new_keys[:-1]]
+            blocks = block_ids[new[0] : new[-1] + 1]
+        else:
+            key_at = dict(zip(new, new_keys, strict=True))
+            missing = [i - 1 for i in new if i and i - 1 not in key_at]
+            key_at.update(zip(missing, source.take(missing), strict=True))
+            parents = [key_at[i - 1] if i else b"" for i in new]
+            blocks = [block_ids[i] for i in new]
         run = None
         if describe:  # (the channel's thread makes the BlockTokens: see TokenRun)
             lo = new[0]
@@ -211,9 +221,8 @@ class ExportLedger:
         return min(wanted, len(self._free_slots))
 
     def _remember(self, keys: list[bytes], indices: list[int], locations: list[int]) -> None:
-        for key, index, loc in zip(keys, indices, locations, strict=True):
-            self._index_of[key] = index
-            self._listed[index] = (key, loc)
+        self._index_of.update(zip(keys, indices, strict=True))
+        self._listed.update(zip(indices, zip(keys, locations, strict=True), strict=True))
 
     def has_pending(self) -> bool:
         return bool(self._pending_jobs or self._staging or self._waiting)

@@ -115,7 +115,7 @@ class GenerationTable:
         # Plain Python on purpose: numpy lets go of the GIL for arrays this size, and on
         # vLLM's scheduler thread getting it back can wait for a busy thread (ms, measured).
         gens, num_blocks = self._gens_mv, self.num_blocks
-        if any(not 0 <= b < num_blocks for b in block_ids):
+        if block_ids and (min(block_ids) < 0 or max(block_ids) >= num_blocks):
             raise IndexError("block id out of range")
         return [(gens[b] << BLOCK_BITS) | b for b in block_ids]
 
