@@ -291,6 +291,8 @@ class ExportLedger:
         Returns the locations the forgotten ones were listed at. (One pass over ``indices``:
         an import's allocation can rewrite thousands of listed blocks, in the step that
         parks the request.)"""
+        if self._listed.keys().isdisjoint(indices):  # (one C pass: the usual case)
+            return []
         pop = self._listed.pop
         gone = [(i, e) for i in indices if (e := pop(i, None)) is not None]
         if not gone:  # (not held, or already released: never free a slot twice)
