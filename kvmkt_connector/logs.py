@@ -63,15 +63,19 @@ class HookTimes:
 
     def run(self, hook: str, fn: Callable[..., Any], *args: Any,
             waited_ns: Callable[[], int] | None = None) -> Any:
-        if self._profile is not None:
-            self._profile.enable()
+        profile = self._profile
+        if profile is not None:
+            try:  # (Python 3.12+: one active profiler per process; then time only)
+                profile.enable()
+            except ValueError:
+                profile = None
         t0 = time.monotonic_ns()
         try:
             return fn(*args)
         finally:
             t1 = time.monotonic_ns()
-            if self._profile is not None:
-                self._profile.disable()
+            if profile is not None:
+                profile.disable()
             self._spans.append((t0, t1 - t0 - (waited_ns() if waited_ns else 0), hook))
             if t1 >= self._flush_at:
                 self.flush()

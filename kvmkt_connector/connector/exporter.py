@@ -39,6 +39,7 @@ import numpy as np
 
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.holder_channel import HolderChannel, TokenRun
+from kvmkt_connector.connector.importer import ConfirmedImport
 from kvmkt_connector.connector.metadata import SaveJob
 from kvmkt_connector.hashing import KeySource, PrefixKeys, token_bytes
 from kvmkt_connector.logs import get_logger
@@ -142,11 +143,11 @@ class ExportLedger:
 
     def on_request_finished(
         self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False,
-        known: tuple[int, list[bytes]] | None = None,
+        known: ConfirmedImport | None = None,
     ) -> None:  # fmt: skip
         """``describe``: send the blocks' token ids along (only for KV that token ids alone
         determine: no cache salt, no LoRA), so other instances can announce them.
-        ``known``: (first block, keys) of a confirmed import into this request."""
+        ``known``: a confirmed import into this request (its keys are used as they are)."""
         if not self._exporting:
             return
         # Export only KV that completed steps wrote: async scheduling advances
@@ -168,7 +169,7 @@ class ExportLedger:
             fresh = [i for i in range(n) if block_ids[i] not in listed]
             if not fresh:
                 return
-        source = KeySource(keys, request.all_token_ids, n, fresh, known)
+        source = KeySource(keys, request.all_token_ids, n, fresh, self._usable_keys(known, block_ids))
         fresh_keys = source.take(fresh)
         new, new_keys = fresh, fresh_keys
         if not self._index_of.keys().isdisjoint(fresh_keys):  # some listed at other blocks
@@ -212,6 +213,28 @@ class ExportLedger:
             self._remember(new_keys, blocks, locations)
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run))
         self._update_gauges()
+
+    def _usable_keys(self, known: ConfirmedImport | None, block_ids: list[int]
+                     ) -> tuple[int, list[bytes]] | None:  # fmt: skip
+        """The leading part of a confirmed import's keys that still name this request's
+        blocks: all of them when verified; else only while the block at that position is
+        the one the copy wrote and its tag has not moved (a preempted request may have
+        recomputed a position elsewhere, and the holder's word covers only its own page)."""
+        if known is None:
+            return None
+        if known.verified:
+            return known.first, known.keys
+        if known.locations is None or self._gens is None:
+            return None
+        at = block_ids[known.first : known.first + len(known.dst)]
+        same = 0  # leading positions still held by the blocks the copy wrote
+        while same < len(at) and at[same] == known.dst[same]:
+            same += 1
+        now = self._gens.locations(at[:same])
+        good = 0  # ... whose tags have not moved since
+        while good < same and now[good] == known.locations[good]:
+            good += 1
+        return known.first, known.keys[:good]
 
     def _make_room(self, wanted: int) -> int:
         """How many of ``wanted`` slots are free now; asks the registry to free the rest."""

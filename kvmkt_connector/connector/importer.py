@@ -74,11 +74,26 @@ class _RequestImport:
     usable: int = 0  # leased blocks whose pages are still the published ones (asked: promised)
     job_id: int | None = None  # the copy planned or in flight
     imported_tokens: int = 0  # confirmed
-    # (first block, keys) of the last confirmed import: the request's keys at those blocks
-    # as far as the holder is trusted, which it was with the KV itself (see ``exported_keys``)
-    confirmed: tuple[int, list[bytes]] | None = None
+    # the last confirmed import (see ``exported_keys``)
+    confirmed: ConfirmedImport | None = None
     failed: bool = False  # an import failed: this request prefills from now on
     asked: _LeaseAsked | None = None  # the lease reply not read yet
+
+
+@dataclass(frozen=True)
+class ConfirmedImport:
+    """What a confirmed copy wrote: the lease's keys for blocks ``first ..`` of the request,
+    copied into ``dst``. ``verified``: every key was checked against ours (staged slots), so
+    they are the request's own keys at those positions whatever block holds them later.
+    Otherwise (in place: spot checks) a key stands only for the page copied under it:
+    ``locations`` are ``dst``'s tags right after the copy (None: not known), and a block
+    still tagged so still holds that page."""
+
+    first: int
+    keys: list[bytes]
+    dst: list[int]
+    verified: bool
+    locations: list[int] | None
 
 
 @dataclass
@@ -98,6 +113,7 @@ class _Inflight:
     blocks: int
     start_block: int = 0
     keys: list[bytes] | None = None  # of the blocks copied
+    dst: list[int] | None = None  # where they were copied
 
 
 class ImportPlanner:
@@ -122,6 +138,9 @@ class ImportPlanner:
         # Whether our workers check each copied page's key (staged slots): then a lease's keys
         # must all be ours, not the holder's word (see _ours); set from the workers' transport.
         self.verify_all_keys = True
+        # In place: the current tags of our blocks (the export's generation table), to tell
+        # later whether a confirmed import's blocks still hold what it copied.
+        self.block_locations: Callable[[list[int]], list[int]] | None = None
 
     # ------------------------------------------------------------ lookup + lease
 
@@ -343,7 +362,7 @@ class ImportPlanner:
             ))  # fmt: skip
             self._inflight[plan.job_id] = _Inflight(
                 state.epoch, lease.lease_id if lease else None, plan.request_id,
-                n * self._block_size, n, state.start_block, state.keys[:n],
+                n * self._block_size, n, state.start_block, state.keys[:n], plan.dst[:n],
             )  # fmt: skip
             state.lease = None  # the lease is the job's now
         return jobs
@@ -364,8 +383,12 @@ class ImportPlanner:
                 state.job_id = None
                 state.failed = state.failed or failed
                 state.imported_tokens += 0 if failed else job.tokens
-                if not failed and job.blocks:
-                    state.confirmed = (job.start_block, job.keys or [])
+                if not failed and job.blocks and job.keys is not None and job.dst is not None:
+                    tags = self.block_locations
+                    state.confirmed = ConfirmedImport(
+                        job.start_block, job.keys, job.dst, self.verify_all_keys,
+                        tags(job.dst) if tags is not None else None,
+                    )  # fmt: skip
 
     def has_pending_load(self, request_id: str) -> bool:
         """Whether a copy into this request's blocks is not confirmed done yet."""
@@ -373,7 +396,7 @@ class ImportPlanner:
             plan.request_id == request_id for plan in self._planned
         )
 
-    def on_request_finished(self, request_id: str) -> tuple[int, tuple[int, list[bytes]] | None]:
+    def on_request_finished(self, request_id: str) -> tuple[int, ConfirmedImport | None]:
         """Release what the request still holds; return the tokens it imported and
         ``exported_keys``. A copy still in flight (an abort) keeps its lease until the
         workers report it."""
@@ -383,12 +406,14 @@ class ImportPlanner:
         self._release(state)
         return state.imported_tokens, self.exported_keys(state)
 
-    def exported_keys(self, state: _RequestImport) -> tuple[int, list[bytes]] | None:
-        """(first block, keys) the export of this request may take as they are, without
-        hashing its prompt again: those of its last confirmed import. They are the lease's,
-        checked against ours as that copy required (all of them for staged slots, spot
-        checks for in-place pages: see ``_ours``), so re-offering the imported KV under
-        them trusts the holder no further than importing it did."""
+    def exported_keys(self, state: _RequestImport) -> ConfirmedImport | None:
+        """Keys the export of this request may take as they are, without hashing its prompt
+        again: those of its last confirmed import. They are the lease's, checked against
+        ours as that copy required (all of them for staged slots, spot checks for in-place
+        pages: see ``_ours``), so re-offering the imported pages under them trusts the
+        holder no further than importing them did; the ledger uses an unverified key only
+        for the very page copied under it (``ConfirmedImport``), never for a block the
+        request computed itself after a preemption."""
         return state.confirmed
 
     def shutdown(self) -> None:

@@ -215,6 +215,8 @@ class MarketplaceScheduler:
         self._ledger = ExportLedger(
             self._cfg, self._block_size, channel, self.stats, self._pool, slots, gens
         )
+        if gens is not None:
+            self._planner.block_locations = gens.locations
 
     def _start_events(self) -> None:
         channel = self._link.holder

@@ -19,6 +19,7 @@ from vllm.v1.request import Request, RequestStatus
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.exporter import ExportLedger, rewritten_blocks
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
+from kvmkt_connector.connector.importer import ConfirmedImport
 from kvmkt_connector.hashing import BlockKeyer, KeyScope
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.client import RegistryClient
@@ -256,13 +257,29 @@ def test_in_place_export_hashes_only_what_it_does_not_list(registry, tmp_path):
         assert longer.keys == []  # three new blocks: hashed one by one, not the whole prompt
         _settle(ledger, lambda: q.lookup(NS, full[:103])[1] == 103)
         assert q.status().published_blocks == 103
-        # Blocks 103.. were imported under a lease: its keys are used, not recomputed.
+        # Blocks 103.. were imported under a lease: its keys are used, not recomputed, for
+        # the blocks the copy wrote as long as their tags have not moved.
         known = full[103:130]
         odd = bytes(16 * [7])
         known[10] = odd  # (not this prompt's key: proves the lease's keys are what is used)
+        dst = blocks[103:130]
+        tags = ledger._gens.locations(dst)
+        moved = ConfirmedImport(103, known, dst, False, tags)
+        ledger.on_blocks_rewritten([dst[20]])  # block 123 was written again since the copy
         ledger.on_request_finished(_request("d", tokens[: 131 * BS + 3]), blocks[:131],
-                                   BlockKeyer(NS, BS).start(KeyScope()), known=(103, known))
+                                   BlockKeyer(NS, BS).start(KeyScope()), known=moved)
         _settle(ledger, lambda: q.lookup(NS, full[:113])[1] == 113)
         assert q.lookup(NS, full[:113] + [odd])[1] == 114
         assert q.lookup(NS, full[:131])[1] == 113  # the real key 113 was never published
+        # ... but from 123 on (moved) the keys are our own again: hashed
+        listed = {b: k for b, (k, _) in ledger._listed.items()}
+        assert [listed[b] for b in blocks[123:131]] == full[123:131]
+        # A request that recomputed those positions elsewhere (preempted) gets no lease keys
+        other = blocks[131:140] + [b.block_id for b in pool.get_new_blocks(1)]
+        ledger.on_request_finished(
+            _request("e", tokens[: 141 * BS + 3]), blocks[:131] + other,
+            BlockKeyer(NS, BS).start(KeyScope()),
+            known=ConfirmedImport(131, [odd] * 10, blocks[180:190], False, tags[:10]))
+        listed = {b: k for b, (k, _) in ledger._listed.items()}
+        assert [listed[b] for b in other] == full[131:141]
     ledger.shutdown()
