@@ -13,10 +13,13 @@ the window), and the table gives, per prefix length, the median time of each eve
 the client's call (ms) and the gap from the event before it; for imports of 16k tokens and
 more, also each call's gaps over 1.5 ms and its garbage collections (``gc-*`` stamps).
 
-``kvmkt-hooks <start ns>:<ns>:<hook> ...`` lines (``logs.HookTimes``) give our host work: the
-first table sums, per call, the time spent inside each of our connector hooks that started
-in the call's window (every step of it: lookup, planning, launch, reports, the forward
-step's hooks too), time a hook waited for a copy left out; medians per call.
+``kvmkt-hooks <start ns>:<ns>:<cpu ns>:<hook> ...`` lines (``logs.HookTimes``; older logs
+lack ``<cpu ns>``) give our host work: the first table sums, per call, the wall time spent
+inside each of our connector hooks that started in the call's window (every step of it:
+lookup, planning, launch, reports, the forward step's hooks too), time a hook waited for a
+copy left out; medians per call. The second sums the hooks' thread CPU time the same way:
+where wall time is well above it, the hook was not running (most often it waited for the
+GIL held by vLLM's other threads). A copy wait that spins counts as CPU time.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from collections import defaultdict
 _CALL = re.compile(r"^(import|hit)-call (\d+) (\d+) (\d+)")
 _TRACE = re.compile(r"kvmkt-trace (\d+) (\S+) (\S+)")
 _HOOKS = re.compile(r"kvmkt-hooks (.*)")
-_SPAN = re.compile(r"(\d+):(-?\d+):(\w+)")
+_SPAN = re.compile(r"(\d+):(-?\d+):(?:(-?\d+):)?([A-Za-z_]\w*)")
 
 
 def windows(bench_log: str) -> list[tuple[int, int, tuple[str, int]]]:
@@ -48,36 +51,43 @@ def events(engine_log: str) -> list[tuple[int, str]]:
     return out
 
 
-def hook_spans(engine_log: str) -> list[tuple[int, int, str]]:
-    """(start ns, ns spent, hook) of every timed hook call in the log."""
+def parse_spans(text: str) -> list[tuple[int, int, int, str]]:
+    """(start ns, ns spent, cpu ns or -1 if not logged, hook) of one ``kvmkt-hooks`` line."""
+    return [(int(t), int(ns), int(cpu) if cpu else -1, h) for t, ns, cpu, h in _SPAN.findall(text)]
+
+
+def hook_spans(engine_log: str) -> list[tuple[int, int, int, str]]:
+    """(start ns, ns spent, cpu ns or -1, hook) of every timed hook call in the log."""
     spans = []
     with open(engine_log, errors="replace") as f:
         for line in f:
             if m := _HOOKS.search(line):
-                spans += [(int(t), int(ns), h) for t, ns, h in _SPAN.findall(m[1])]
+                spans += parse_spans(m[1])
     spans.sort()
     return spans
 
 
-def host_work(calls, spans) -> dict[tuple[str, int], list[dict[str, float]]]:
-    """(kind, prefix) -> per call, ms spent in each hook (and "total") inside its window."""
+def host_work(calls, spans, cpu: bool = False) -> dict[tuple[str, int], list[dict[str, float]]]:
+    """(kind, prefix) -> per call, ms spent in each hook (and "total") inside its window;
+    ``cpu``: the hooks' thread CPU time instead of wall time."""
     out: dict[tuple[str, int], list[dict[str, float]]] = defaultdict(list)
     for t_sub, t_done, length in calls:
         per: dict[str, float] = defaultdict(float)
-        for t, ns, hook in spans:
+        for t, ns, cpu_ns, hook in spans:
             if t_sub <= t <= t_done:
-                per[hook] += ns / 1e6
-                per["total"] += ns / 1e6
+                ms = (cpu_ns if cpu else ns) / 1e6
+                per[hook] += ms
+                per["total"] += ms
         out[length].append(per)
     return out
 
 
-def print_host_work(work) -> None:
+def print_host_work(work, what: str = "host work, wall") -> None:
     if not any(per for calls in work.values() for per in calls):
         return
     cols = sorted(work)
     hooks = sorted({h for calls in work.values() for per in calls for h in per} - {"total"})
-    print("\n== our hooks inside each call (host work, ms; median per call) ==")
+    print(f"\n== our hooks inside each call ({what} ms; median per call) ==")
     print(f"{'hook':<18}" + "".join(f"{k[0][:3]} {k[1]:>6}".rjust(12) for k in cols))
     for hook in [*hooks, "total"]:
         row = [statistics.median(per.get(hook, 0.0) for per in work[k]) for k in cols]
@@ -106,7 +116,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     calls = windows(argv[0])
-    print_host_work(host_work(calls, hook_spans(argv[1])))
+    spans = hook_spans(argv[1])
+    print_host_work(host_work(calls, spans))
+    if spans and all(cpu >= 0 for _, _, cpu, _ in spans):
+        print_host_work(host_work(calls, spans, cpu=True), "the hooks' thread CPU time,")
     evs = events(argv[1])
     if not evs:
         return 0

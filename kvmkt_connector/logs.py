@@ -38,8 +38,10 @@ class HookTimes:
     """With KVMKT_TRACE=1 or KVMKT_TRACE=hooks (hooks only, no trace points inside them):
     record how long each connector hook ran. Spans are logged in batches, outside any span
     and at most about twice a second, so measuring costs a step almost nothing:
-    ``kvmkt-hooks <start ns>:<ns>:<hook> ...``. Time a hook spends waiting for a copy
-    (``waited_ns``) is left out: it is the copy's, not host work.
+    ``kvmkt-hooks <start ns>:<ns>:<cpu ns>:<hook> ...``. Time a hook spends waiting for a
+    copy (``waited_ns``) is left out of ``ns``: it is the copy's, not host work. ``cpu ns``
+    is the CPU time of the hook's thread: wall time well above it is time the hook did not
+    run (most often waiting for the GIL, which vLLM's other threads hold meanwhile).
     ``benchmarks/trace_breakdown.py`` sums them per import: our host work on its TTFT.
 
     KVMKT_PROFILE=<dir> also runs cProfile inside the hooks (only there) and writes its
@@ -57,7 +59,7 @@ class HookTimes:
             self._profile = cProfile.Profile()
         self.enabled = os.environ.get("KVMKT_TRACE") in ("1", "hooks") or self._profile is not None
         self._logger = logger
-        self._spans: list[tuple[int, int, str]] = []
+        self._spans: list[tuple[int, int, int, str]] = []
         self._flush_at = 0
         self._dump_at = 0
 
@@ -69,14 +71,16 @@ class HookTimes:
                 profile.enable()
             except ValueError:
                 profile = None
+        c0 = time.thread_time_ns()
         t0 = time.monotonic_ns()
         try:
             return fn(*args)
         finally:
             t1 = time.monotonic_ns()
+            cpu = time.thread_time_ns() - c0
             if profile is not None:
                 profile.disable()
-            self._spans.append((t0, t1 - t0 - (waited_ns() if waited_ns else 0), hook))
+            self._spans.append((t0, t1 - t0 - (waited_ns() if waited_ns else 0), cpu, hook))
             if t1 >= self._flush_at:
                 self.flush()
                 self._flush_at = t1 + 500_000_000
@@ -84,7 +88,7 @@ class HookTimes:
     def flush(self, final: bool = False) -> None:
         if self._spans:
             spans, self._spans = self._spans, []
-            self._logger.info("kvmkt-hooks %s", " ".join(f"{t}:{ns}:{h}" for t, ns, h in spans))
+            self._logger.info("kvmkt-hooks %s", " ".join(f"{t}:{ns}:{c}:{h}" for t, ns, c, h in spans))
         if self._profile is not None and (final or time.monotonic() >= self._dump_at):
             self._dump_at = time.monotonic() + 5.0
             try:

@@ -49,11 +49,40 @@ def test_span_leaves_out_the_copy_wait_and_survives_errors(monkeypatch, caplog) 
     assert len(logged) == 2  # the first span flushed at once, the next two together
     spans = []
     for msg in logged:
-        m = bd._HOOKS.search(msg)
-        spans += [(int(t), int(ns), h) for t, ns, h in bd._SPAN.findall(m[1])]
-    assert [h for _, _, h in spans] == ["get_finished", "match", "stats"]
+        spans += bd.parse_spans(bd._HOOKS.search(msg)[1])
+    assert [h for _, _, _, h in spans] == ["get_finished", "match", "stats"]
     assert 4_000_000 <= spans[0][1] < 25_000_000  # 30 ms slept, 25 ms of it the copy's wait
+    assert 0 <= spans[0][2] < 4_000_000  # sleeping is not CPU time
     assert spans[0][0] < spans[1][0] < spans[2][0]
+
+
+def test_cpu_time_tells_running_from_waiting(monkeypatch, caplog) -> None:
+    """A hook that computes has CPU time close to its wall time; one whose thread waits
+    (here: for another thread holding a lock, as it would for the GIL) does not."""
+    import threading
+
+    monkeypatch.delenv("KVMKT_PROFILE", raising=False)
+    monkeypatch.setenv("KVMKT_TRACE", "hooks")
+    hooks = HookTimes(logging.getLogger("vllm.kvmkt.test2"))
+
+    def busy():
+        end = time.thread_time_ns() + 20_000_000
+        while time.thread_time_ns() < end:
+            pass
+
+    held = threading.Lock()
+    held.acquire()
+    with caplog.at_level(logging.INFO, logger="vllm.kvmkt.test2"):
+        hooks.run("busy", busy)
+        threading.Timer(0.03, held.release).start()
+        hooks.run("blocked", held.acquire)
+        hooks.flush()
+    bd = _breakdown()
+    spans = {h: (ns, cpu) for r in caplog.records
+             for _, ns, cpu, h in bd.parse_spans(bd._HOOKS.search(r.getMessage())[1])}
+    busy_wall, busy_cpu = spans["busy"]
+    assert busy_cpu >= 20_000_000 and busy_wall >= 0.95 * busy_cpu  # (the clocks differ a little)
+    assert spans["blocked"][0] >= 20_000_000 and spans["blocked"][1] < 5_000_000
 
 
 def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
@@ -68,7 +97,7 @@ def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
         "INFO kvmkt-hooks 4000:100000:build_meta 6500:500000:match",
         "INFO kvmkt-trace 2500 r1 launched",
         "INFO kvmkt-hooks 11000:50000:match",
-    ]) + "\n")  # fmt: skip
+    ]) + "\n")  # fmt: skip (the format before CPU times were logged)
     work = bd.host_work(bd.windows(str(bench)), bd.hook_spans(str(engine)))
     first, second = work[("import", 16384)]
     assert first == pytest.approx({"match": 0.3, "build_meta": 0.3, "total": 0.6})
@@ -78,6 +107,25 @@ def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     total = next(ln for ln in out.splitlines() if ln.startswith("total"))
     assert total.split()[1:] == ["0.050", "0.550"]  # hit, import (median of 0.6 and 0.5)
+    assert "thread CPU time" not in out  # not logged in this format
+
+
+def test_breakdown_cpu_table(tmp_path, capsys) -> None:
+    bd = _breakdown()
+    bench = tmp_path / "ttft.log"
+    bench.write_text("import-call 1000 5000 16384\n")
+    engine = tmp_path / "engine.log"
+    engine.write_text("INFO kvmkt-hooks 1000:300000:100000:match 2000:200000:150000:build_meta\n")
+    spans = bd.hook_spans(str(engine))
+    assert spans == [(1000, 300000, 100000, "match"), (2000, 200000, 150000, "build_meta")]
+    (cpu,) = bd.host_work(bd.windows(str(bench)), spans, cpu=True)[("import", 16384)]
+    assert cpu == pytest.approx({"match": 0.1, "build_meta": 0.15, "total": 0.25})
+    assert bd.main([str(bench), str(engine)]) == 0
+    out = capsys.readouterr().out.split("thread CPU time")
+    assert len(out) == 2
+    wall = next(ln for ln in out[0].splitlines() if ln.startswith("total"))
+    cpu_total = next(ln for ln in out[1].splitlines() if ln.startswith("total"))
+    assert wall.split()[1:] == ["0.500"] and cpu_total.split()[1:] == ["0.250"]
 
 
 def test_profile_covers_only_the_hooks(monkeypatch, tmp_path) -> None:
