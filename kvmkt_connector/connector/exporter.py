@@ -33,6 +33,8 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,7 +43,7 @@ from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.holder_channel import HolderChannel, TokenRun
 from kvmkt_connector.connector.importer import ConfirmedImport
 from kvmkt_connector.connector.metadata import SaveJob
-from kvmkt_connector.hashing import KeySource, PrefixKeys, token_bytes
+from kvmkt_connector.hashing import KeySource, PrefixKeys
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.transport.generations import (
@@ -192,11 +194,8 @@ class ExportLedger:
             key_at.update(zip(missing, source.take(missing), strict=True))
             parents = [key_at[i - 1] if i else b"" for i in new]
             blocks = [block_ids[i] for i in new]
-        run = None
-        if describe:  # (the channel's thread makes the BlockTokens: see TokenRun)
-            lo = new[0]
-            blob = token_bytes(request.all_token_ids[lo * self._bs : (new[-1] + 1) * self._bs])
-            run = TokenRun(new_keys, parents, new, blob, lo, 4 * self._bs)
+        # (the channel's thread makes the BlockTokens: see TokenRun)
+        run = TokenRun(new_keys, parents, new, request.all_token_ids, self._bs) if describe else None
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -227,11 +226,12 @@ class ExportLedger:
         if known.locations is None or self._gens is None:
             return None
         at = block_ids[known.first : known.first + len(known.dst)]
-        same = 0  # leading positions still held by the blocks the copy wrote
-        while same < len(at) and at[same] == known.dst[same]:
+        # (Whole-list comparisons first: they run in C, and the usual answer is "all".)
+        same = len(at) if at == known.dst else 0  # leading positions still held by the
+        while same < len(at) and at[same] == known.dst[same]:  # blocks the copy wrote
             same += 1
         now = self._gens.locations(at[:same])
-        good = 0  # ... whose tags have not moved since
+        good = same if now == known.locations[:same] else 0  # ... whose tags have not moved
         while good < same and now[good] == known.locations[good]:
             good += 1
         return known.first, known.keys[:good]
@@ -260,13 +260,19 @@ class ExportLedger:
         """Publish what waited for the steps in flight at its finish to end, unless it was
         rewritten or withdrawn meanwhile (then it is no longer listed as it was)."""
         keys, locations, parents, runs = [], [], [], []
+        listed = self._listed
         while self._waiting and self._waiting[0][0] <= self._acked:
             _, ks, blocks, locs, ps, run = self._waiting.popleft()
-            for k, b, loc, p in zip(ks, blocks, locs, ps, strict=True):
-                if self._listed.get(b) == (k, loc):
-                    keys.append(k)
-                    locations.append(loc)
-                    parents.append(p)
+            if list(map(listed.get, blocks)) == list(zip(ks, locs, strict=True)):  # (in C)
+                keys += ks
+                locations += locs
+                parents += ps
+            else:
+                for k, b, loc, p in zip(ks, blocks, locs, ps, strict=True):
+                    if listed.get(b) == (k, loc):
+                        keys.append(k)
+                        locations.append(loc)
+                        parents.append(p)
             if run is not None:
                 runs.append(run)
         if keys:  # (the channel describes only the keys published)
@@ -311,22 +317,22 @@ class ExportLedger:
 
     def _forget(self, indices: list[int]) -> list[int]:
         """Not offered any more: in place, nothing else to do; staged, the slot is free.
-        Returns the locations the forgotten ones were listed at. (One pass over ``indices``:
-        an import's allocation can rewrite thousands of listed blocks, in the step that
-        parks the request.)"""
-        if self._listed.keys().isdisjoint(indices):  # (one C pass: the usual case)
+        Returns the locations the forgotten ones were listed at. (Passes over ``indices``
+        that run in C: an import's allocation can rewrite thousands of listed blocks, in the
+        step that parks the request.)"""
+        listed = self._listed
+        if listed.keys().isdisjoint(indices):  # (the usual case)
             return []
-        pop = self._listed.pop
-        gone = [(i, e) for i in indices if (e := pop(i, None)) is not None]
-        if not gone:  # (not held, or already released: never free a slot twice)
+        popped = list(map(listed.pop, indices, repeat(None)))  # (key, location) or None
+        gone = list(filter(None, popped))  # (not held, or already released: never free a
+        if not gone:  # slot twice; an index listed twice in ``indices`` pops once)
             return []
         index_of = self._index_of
-        for _, (key, _) in gone:
-            index_of.pop(key, None)
+        deque(map(index_of.pop, map(itemgetter(0), gone), repeat(None)), maxlen=0)
         if self.staged:
-            self._free_slots.extend(i for i, _ in gone)
+            self._free_slots.extend(compress(indices, popped))
         self._stats.count("released_blocks", len(gone))
-        return [loc for _, (_, loc) in gone]
+        return list(map(itemgetter(1), gone))
 
     def _released(self, locations: list[int]) -> None:
         """The registry no longer lists these locations (LRU, reclaim, unpublish)."""

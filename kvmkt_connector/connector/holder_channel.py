@@ -23,11 +23,12 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvmkt_connector.config import MarketplaceConfig
+from kvmkt_connector.hashing import token_bytes
 from kvmkt_connector.logs import get_logger
 from kvmkt_connector.registry.client import RegistryClient
 from kvmkt_connector.registry.protocol import (
@@ -44,17 +45,16 @@ _BACKOFF_MAX_S = 5.0
 
 @dataclass(frozen=True)
 class TokenRun:
-    """The token ids of an export's blocks: the blocks at ``positions`` (of their request)
-    are ``blob[(p - first) * step : (p - first + 1) * step]``. The channel's thread makes
-    the BlockTokens of those it publishes, not vLLM's scheduler thread (an export of 16k
-    tokens describes a thousand blocks)."""
+    """The token ids of an export's blocks: the blocks at ``positions`` (ascending) of a
+    finished request whose whole token sequence is ``token_ids`` (vLLM no longer changes
+    it). The channel's thread makes the BlockTokens of those it publishes, bytes included,
+    not vLLM's scheduler thread (an export of 16k tokens describes a thousand blocks)."""
 
     keys: list[bytes]
     parents: list[bytes]
     positions: list[int]
-    blob: bytes
-    first: int
-    step: int
+    token_ids: Sequence[int]
+    block_size: int
 
 
 def block_tokens(tokens: list, keys: list[bytes]) -> list[BlockTokens]:
@@ -65,7 +65,11 @@ def block_tokens(tokens: list, keys: list[bytes]) -> list[BlockTokens]:
         if isinstance(t, BlockTokens):
             out.append(t)
             continue
-        blob, first, step = t.blob, t.first, t.step
+        if not t.positions:
+            continue
+        bs, first = t.block_size, t.positions[0]
+        blob = token_bytes(t.token_ids[first * bs : (t.positions[-1] + 1) * bs])
+        step = 4 * bs
         out += [BlockTokens(k, p, blob[(i - first) * step : (i - first + 1) * step])
                 for k, p, i in zip(t.keys, t.parents, t.positions, strict=True) if k in wanted]
     return out

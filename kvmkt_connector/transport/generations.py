@@ -112,12 +112,17 @@ class GenerationTable:
         self.generations[:] = next_generations(self.generations)
 
     def locations(self, block_ids: list[int]) -> list[int]:
-        # Plain Python over a memoryview: the callers hold lists, and for a few thousand ids
-        # this costs about what numpy's conversions to and from arrays do.
-        gens, num_blocks = self._gens_mv, self.num_blocks
-        if block_ids and (min(block_ids) < 0 or max(block_ids) >= num_blocks):
+        """The current locations of these blocks. (Callers hold lists; past a few dozen
+        ids numpy's conversions cost less than a Python loop: 25 against 45 us for 1,024.)"""
+        if len(block_ids) < 64:
+            gens, num_blocks = self._gens_mv, self.num_blocks
+            if block_ids and (min(block_ids) < 0 or max(block_ids) >= num_blocks):
+                raise IndexError("block id out of range")
+            return [(gens[b] << BLOCK_BITS) | b for b in block_ids]
+        idx = np.fromiter(block_ids, dtype=np.int64, count=len(block_ids))
+        if idx.min() < 0 or idx.max() >= self.num_blocks:
             raise IndexError("block id out of range")
-        return [(gens[b] << BLOCK_BITS) | b for b in block_ids]
+        return ((self.generations[idx].astype(np.int64) << BLOCK_BITS) | idx).tolist()
 
     # ------------------------------------------------------------ importer
 

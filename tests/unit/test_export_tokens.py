@@ -67,8 +67,7 @@ def _wait_offered(sock, want, timeout=10.0):
 def test_block_tokens_filters_and_slices():
     keys = [bytes([i]) * 16 for i in range(6)]
     toks = list(range(6 * BS))
-    blob = np.asarray(toks[2 * BS : 6 * BS], dtype="<u4").tobytes()
-    run = TokenRun([keys[2], keys[3], keys[5]], [keys[1], keys[2], keys[4]], [2, 3, 5], blob, 2, 4 * BS)
+    run = TokenRun([keys[2], keys[3], keys[5]], [keys[1], keys[2], keys[4]], [2, 3, 5], toks, BS)
     plain = BlockTokens(keys[0], b"", b"x")
     out = block_tokens([plain, run], [keys[3], keys[5]])
     assert out[0] is plain  # plain BlockTokens pass through unfiltered (as before)
