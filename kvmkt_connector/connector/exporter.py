@@ -171,7 +171,13 @@ class ExportLedger:
             fresh = [i for i in range(n) if block_ids[i] not in listed]
             if not fresh:
                 return
-        source = KeySource(keys, request.all_token_ids, n, fresh, self._usable_keys(known, block_ids))
+        # In place, the tags of the request's blocks (read once: checking a confirmed
+        # import's keys needs them, and so does the publish).
+        tags = None
+        if self._gens is not None and known is not None and not known.verified:
+            tags = self._gens.locations(block_ids[:n])
+        source = KeySource(keys, request.all_token_ids, n, fresh,
+                           self._usable_keys(known, block_ids, tags))
         fresh_keys = source.take(fresh)
         new, new_keys = fresh, fresh_keys
         if not self._index_of.keys().isdisjoint(fresh_keys):  # some listed at other blocks
@@ -208,17 +214,21 @@ class ExportLedger:
             self._remember(new_keys, slots, locations)  # published once the copy is done
         else:
             assert self._gens is not None  # (none of these blocks is listed: see above)
-            locations = self._gens.locations(blocks)
+            if tags is not None and isinstance(new, range):
+                locations = tags[new[0] : new[-1] + 1]
+            else:
+                locations = self._gens.locations(blocks)
             self._remember(new_keys, blocks, locations)
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run))
         self._update_gauges()
 
-    def _usable_keys(self, known: ConfirmedImport | None, block_ids: list[int]
-                     ) -> tuple[int, list[bytes]] | None:  # fmt: skip
+    def _usable_keys(self, known: ConfirmedImport | None, block_ids: list[int],
+                     tags: list[int] | None = None) -> tuple[int, list[bytes]] | None:  # fmt: skip
         """The leading part of a confirmed import's keys that still name this request's
         blocks: all of them when verified; else only while the block at that position is
         the one the copy wrote and its tag has not moved (a preempted request may have
-        recomputed a position elsewhere, and the holder's word covers only its own page)."""
+        recomputed a position elsewhere, and the holder's word covers only its own page).
+        ``tags``: the current locations of the leading ``block_ids``, if read already."""
         if known is None:
             return None
         if known.verified:
@@ -230,7 +240,10 @@ class ExportLedger:
         same = len(at) if at == known.dst else 0  # leading positions still held by the
         while same < len(at) and at[same] == known.dst[same]:  # blocks the copy wrote
             same += 1
-        now = self._gens.locations(at[:same])
+        if tags is not None and known.first + same <= len(tags):
+            now = tags[known.first : known.first + same]
+        else:
+            now = self._gens.locations(at[:same])
         good = same if now == known.locations[:same] else 0  # ... whose tags have not moved
         while good < same and now[good] == known.locations[good]:
             good += 1
