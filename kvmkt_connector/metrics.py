@@ -34,6 +34,10 @@ METRICS: dict[str, tuple[str, str, str]] = {
                         "Blocks this instance published for others."),
     "released_blocks": (COUNTER, "vllm:kvmkt_released_blocks_total",
                                 "Published blocks this instance withdrew (rewritten, reset, registry LRU)."),
+    "export_skipped_session": (COUNTER, "vllm:kvmkt_export_skipped_session_total",
+                                      "Finished requests whose export stopped at a block of a "
+                                      "streaming-input session (vLLM may cache those under "
+                                      "stale hashes)."),
     "fallback_miss": (COUNTER, "vllm:kvmkt_fallback_miss_total",
                       "Lookups that found nothing to import (normal prefill)."),
     "fallback_incompatible": (COUNTER, "vllm:kvmkt_fallback_incompatible_total",

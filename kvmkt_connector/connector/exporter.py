@@ -98,6 +98,20 @@ def rewritten_blocks(out: SchedulerOutput, block_size: int) -> list[int]:
     return ids
 
 
+def session_blocks(out: SchedulerOutput, sessions: set[str]) -> list[int]:
+    """Blocks the step described by ``out`` gives streaming-input sessions (``sessions``:
+    their request ids): all blocks of a new one, the new blocks of a running one."""
+    ids: list[int] = []
+    for req in out.scheduled_new_reqs:
+        if req.req_id in sessions:
+            ids += req.block_ids[0]
+    cached = out.scheduled_cached_reqs
+    for rid, new in zip(cached.req_ids, cached.new_block_ids, strict=True):
+        if new and rid in sessions:
+            ids += new[0]
+    return ids
+
+
 class ExportLedger:
     def __init__(
         self,
@@ -119,6 +133,15 @@ class ExportLedger:
         self._gens = generations
         self.staged = staged_slots is not None
         self._exporting = True
+        # Streaming-input sessions (vLLM's resumable requests): vLLM 0.26 keeps a session's
+        # block hashes when it drops the last sampled token of a chunk, so a block it wrote
+        # can be cached under a hash of other tokens, and a request that hits it holds KV
+        # that is not its tokens'. Blocks a session was given are not exported, by anyone
+        # and from that position on, until vLLM allocates them anew to another request
+        # (which evicts the stale hash).
+        self._sessions: set[str] = set()
+        self._tainted: set[int] = set()
+        self._warned_sessions = False
         self._free_slots = list(range(staged_slots or 0))[::-1]  # pop() gives slot 0 first
         self._slot_generation = np.zeros(staged_slots or 0, dtype=np.uint32)
         # index (block id or slot) -> (key, published location); staged: also while staging
@@ -157,6 +180,10 @@ class ExportLedger:
         # KV yet. An aborted request whose import is not confirmed is skipped by the caller.
         written = request.num_computed_tokens - request.num_in_flight_tokens
         n = min(len(block_ids), min(written, request.num_tokens - 1) // self._bs)
+        if n and self._tainted and not self._tainted.isdisjoint(block_ids[:n]):
+            tainted = self._tainted
+            n = next(i for i, b in enumerate(block_ids[:n]) if b in tainted)
+            self._stats.count("export_skipped_session")  # (per request)
         if n == 0:
             return
         # (Set operations first: a 16k-token export is a thousand blocks, and per-block
@@ -176,8 +203,8 @@ class ExportLedger:
         tags = None
         if self._gens is not None and known is not None and not known.verified:
             tags = self._gens.locations(block_ids[:n])
-        source = KeySource(keys, request.all_token_ids, n, fresh,
-                           self._usable_keys(known, block_ids, tags))
+        usable = self._usable_keys(known, block_ids, tags)
+        source = KeySource(keys, request.all_token_ids, n, fresh, usable)
         fresh_keys = source.take(fresh)
         new, new_keys = fresh, fresh_keys
         if not self._index_of.keys().isdisjoint(fresh_keys):  # some listed at other blocks
@@ -200,8 +227,9 @@ class ExportLedger:
             key_at.update(zip(missing, source.take(missing), strict=True))
             parents = [key_at[i - 1] if i else b"" for i in new]
             blocks = [block_ids[i] for i in new]
-        # (the channel's thread makes the BlockTokens: see TokenRun)
-        run = TokenRun(new_keys, parents, new, request.all_token_ids, self._bs) if describe else None
+        run = None
+        if describe:  # (the channel's thread makes the BlockTokens: see TokenRun)
+            run = self._token_run(request, new, new_keys, parents, usable)
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -221,6 +249,32 @@ class ExportLedger:
             self._remember(new_keys, blocks, locations)
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run))
         self._update_gauges()
+
+    def _token_run(self, request: Request, new: Sequence[int], keys: list[bytes],
+                   parents: list[bytes], imported: tuple[int, list[bytes]] | None
+                   ) -> TokenRun | None:  # fmt: skip
+        """The token ids that go with this export, for KV events; none for blocks whose keys
+        came from a confirmed import: their exporter described them, and the registry keeps
+        a block's tokens while any holder lists it (so a 16k-token import re-offered costs
+        the channel no thousand token records)."""
+        lo = hi = 0
+        if imported is not None:
+            lo, hi = imported[0], imported[0] + len(imported[1])
+        if hi > lo:
+            if isinstance(new, range):
+                a, b = new.start, new.stop
+                spans = [(a, min(b, lo)), (max(a, hi), b)]
+                keep = [j - a for s, e in spans for j in range(s, e)]
+            else:
+                keep = [j for j, p in enumerate(new) if not lo <= p < hi]
+            if not keep:
+                return None
+            if len(keep) < len(new):
+                new = [new[j] for j in keep]
+                keys = [keys[j] for j in keep]
+                parents = [parents[j] for j in keep]
+        return TokenRun(keys, parents, list(new) if isinstance(new, range) else new,
+                        request.all_token_ids, self._bs)
 
     def _usable_keys(self, known: ConfirmedImport | None, block_ids: list[int],
                      tags: list[int] | None = None) -> tuple[int, list[bytes]] | None:  # fmt: skip
@@ -357,7 +411,11 @@ class ExportLedger:
         """Once per scheduler step, before the step's forward is sent to the workers."""
         if scheduler_output is not None:
             self.step += 1
-            self.on_blocks_rewritten(rewritten_blocks(scheduler_output, self._bs))
+            rewritten = rewritten_blocks(scheduler_output, self._bs)
+            self.on_blocks_rewritten(rewritten)
+            if self._tainted or self._sessions:  # (allocated anew: no stale hash left)
+                self._tainted.difference_update(rewritten)
+                self._tainted.update(session_blocks(scheduler_output, self._sessions))
         epoch = self._resets.check()
         if epoch != self._epoch:  # the channel withdraws from the registry by itself
             self._epoch = epoch
@@ -372,6 +430,19 @@ class ExportLedger:
             elif event.kind == "released" and event.generation == self._generation:
                 self._released(event.locations)
         self._update_gauges()
+
+    def on_session_allocated(self, request_id: str, block_ids: list[int]) -> None:
+        """vLLM admitted a streaming-input session (again: each chunk is admitted anew)
+        with these blocks: see ``_sessions``."""
+        if not self._warned_sessions:
+            self._warned_sessions = True
+            logger.info("kvmkt: streaming-input session %s: blocks of sessions (and prefix "
+                        "hits on them) are not exported", request_id)
+        self._sessions.add(request_id)
+        self._tainted.update(block_ids)
+
+    def on_session_finished(self, request_id: str) -> None:
+        self._sessions.discard(request_id)  # (its blocks stay tainted until reallocated)
 
     def _staging_slots(self) -> set[int]:
         return {s for _, slots, _, _ in self._staging.values() for s in slots}

@@ -283,6 +283,8 @@ class MarketplaceScheduler:
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
         self._not_run.add(request.request_id)
+        if self._ledger is not None and getattr(request, "resumable", False):
+            self._ledger.on_session_allocated(request.request_id, block_ids)
         dst = self._planner.on_alloc(request, block_ids, n_ext)
         if dst and self._ledger is not None:
             self._ledger.on_blocks_rewritten(dst)  # our import writes them
@@ -361,6 +363,8 @@ class MarketplaceScheduler:
         self._stats_gate.on_request_finished(
             request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
+        if self._ledger is not None and getattr(request, "resumable", False):
+            self._ledger.on_session_finished(request.request_id)  # (exports none of it)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
             if scope is not None:

@@ -81,6 +81,27 @@ def test_feed_snapshot_changes_and_holder_death(registry) -> None:
     assert reader.offers(NS).changes == []  # a fresh snapshot is empty too
 
 
+def test_a_block_listed_again_without_tokens_stays_described(registry) -> None:
+    """What an importer's re-offer relies on (``ExportLedger._token_run``): it lists the
+    imported blocks without their tokens; the exporter's description of them stays while
+    either lists them, with the importer's bit, and goes when neither does."""
+    keys, blocks = described(NS, TOKENS)
+    a = holder(registry, "exporter")
+    a.publish(keys, list(range(len(keys))), blocks)
+    b = holder(registry, "importer")
+    b.publish(keys, list(range(100, 100 + len(keys))))  # the re-offer: no tokens
+    reader = registry.connect("reader")
+    feed = reader.offers(NS)
+    assert {(c.key, c.holder_bit) for c in feed.changes if c.listed} == {
+        (k, bit) for k in keys for bit in (a.holder_bit, b.holder_bit)}
+    a.unpublish(list(range(len(keys))))  # the exporter evicts them
+    now = reader.offers(NS)
+    assert [(c.key, c.holder_bit, c.block) for c in now.changes] == [
+        (k, b.holder_bit, blk) for k, blk in zip(keys, blocks, strict=True)]
+    b.unpublish(list(range(100, 100 + len(keys))))
+    assert reader.offers(NS).changes == []
+
+
 def test_bounds_gap_and_restart_mean_snapshot() -> None:
     catalog = OfferCatalog(max_described=3, max_changes=4)
     keys, blocks = described(NS, TOKENS)
