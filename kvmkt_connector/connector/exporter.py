@@ -159,10 +159,12 @@ class ExportLedger:
         self._next_job = 0
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)
-        # in place: (first step scheduled after the finish, keys, blocks, locations, parents)
+        # in place: (first step scheduled after the finish, keys, blocks, locations, parents,
+        # token ids, ``_forgets`` then)
         self._waiting: deque[
-            tuple[int, list[bytes], list[int], list[int], list[bytes], TokenRun | None]
+            tuple[int, list[bytes], list[int], list[int], list[bytes], TokenRun | None, int]
         ] = deque()  # fmt: skip
+        self._forgets = 0  # calls of _forget that took something off the books
 
     # ------------------------------------------------------------ export
 
@@ -246,8 +248,9 @@ class ExportLedger:
                 locations = tags[new[0] : new[-1] + 1]
             else:
                 locations = self._gens.locations(blocks)
-            self._remember(new_keys, blocks, locations)
-            self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run))
+            clean = self._remember(new_keys, blocks, locations)
+            self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run,
+                                  self._forgets if clean else -1))
         self._update_gauges()
 
     def _token_run(self, request: Request, new: Sequence[int], keys: list[bytes],
@@ -310,9 +313,16 @@ class ExportLedger:
             self._channel.reclaim(short)
         return min(wanted, len(self._free_slots))
 
-    def _remember(self, keys: list[bytes], indices: list[int], locations: list[int]) -> None:
+    def _remember(self, keys: list[bytes], indices: list[int], locations: list[int]) -> bool:
+        """False if an index was listed already or is given twice (vLLM gives neither):
+        then an entry changed without being forgotten, which counts as forgetting."""
+        before = len(self._listed)
         self._index_of.update(zip(keys, indices, strict=True))
         self._listed.update(zip(indices, zip(keys, locations, strict=True), strict=True))
+        if len(self._listed) - before == len(indices):
+            return True
+        self._forgets += 1
+        return False
 
     def has_pending(self) -> bool:
         return bool(self._pending_jobs or self._staging or self._waiting)
@@ -329,8 +339,12 @@ class ExportLedger:
         keys, locations, parents, runs = [], [], [], []
         listed = self._listed
         while self._waiting and self._waiting[0][0] <= self._acked:
-            _, ks, blocks, locs, ps, run = self._waiting.popleft()
-            if list(map(listed.get, blocks)) == list(zip(ks, locs, strict=True)):  # (in C)
+            _, ks, blocks, locs, ps, run, forgets = self._waiting.popleft()
+            # Entries change only by being forgotten (a block is listed again only after
+            # that), so with nothing forgotten since its finish all of it is as it was; else
+            # compare (in C first: the usual answer is still "all").
+            if forgets == self._forgets or list(map(listed.get, blocks)) == list(
+                    zip(ks, locs, strict=True)):
                 keys += ks
                 locations += locs
                 parents += ps
@@ -394,6 +408,7 @@ class ExportLedger:
         gone = list(filter(None, popped))  # (not held, or already released: never free a
         if not gone:  # slot twice; an index listed twice in ``indices`` pops once)
             return []
+        self._forgets += 1
         index_of = self._index_of
         deque(map(index_of.pop, map(itemgetter(0), gone), repeat(None)), maxlen=0)
         if self.staged:

@@ -225,8 +225,11 @@ class HolderChannel:
                 self._offered.pop(loc, None)
             pending = 0
             for part in location_chunks(op[1], self._chunk_bytes):
-                released, n = client.unpublish(part)  # leased ones come back via sync
-                self._emit("released", released)
+                # Leased ones come back via sync. What is released now is not news to the
+                # ledger, which forgot these locations before asking (and a location names
+                # one use of a block or slot: a later listing of it is another location),
+                # so it gets no event: an import's allocation withdraws a thousand of them.
+                _, n = client.unpublish(part)
                 pending += n
             if len(op[1]) > 64:  # resets and large withdrawals: worth a line
                 logger.info("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)

@@ -66,7 +66,7 @@ class OldLedger(ExportLedger):
     def _publish_settled(self):
         keys, locations, parents, runs = [], [], [], []
         while self._waiting and self._waiting[0][0] <= self._acked:
-            _, ks, blocks, locs, ps, run = self._waiting.popleft()
+            _, ks, blocks, locs, ps, run, *_ = self._waiting.popleft()
             for k, b, loc, p in zip(ks, blocks, locs, ps, strict=True):
                 if self._listed.get(b) == (k, loc):
                     keys.append(k)
