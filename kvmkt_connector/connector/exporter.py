@@ -98,17 +98,21 @@ def rewritten_blocks(out: SchedulerOutput, block_size: int) -> list[int]:
     return ids
 
 
-def session_blocks(out: SchedulerOutput, sessions: set[str]) -> list[int]:
-    """Blocks the step described by ``out`` gives streaming-input sessions (``sessions``:
-    their request ids): all blocks of a new one, the new blocks of a running one."""
+def session_blocks(out: SchedulerOutput, block_size: int, sessions: set[str]) -> list[int]:
+    """The blocks streaming-input sessions (``sessions``: their request ids) may write in the
+    step described by ``out``: as ``rewritten_blocks``, for those requests only (blocks they
+    only read, prefix hits, were computed and cached by others under right hashes)."""
     ids: list[int] = []
     for req in out.scheduled_new_reqs:
         if req.req_id in sessions:
-            ids += req.block_ids[0]
+            ids += req.block_ids[0][req.num_computed_tokens // block_size :]
     cached = out.scheduled_cached_reqs
-    for rid, new in zip(cached.req_ids, cached.new_block_ids, strict=True):
+    for rid, new, computed in zip(
+        cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
+    ):
         if new and rid in sessions:
-            ids += new[0]
+            skip = computed // block_size if rid in cached.resumed_req_ids else 0
+            ids += new[0][skip:]
     return ids
 
 
@@ -136,9 +140,9 @@ class ExportLedger:
         # Streaming-input sessions (vLLM's resumable requests): vLLM 0.26 keeps a session's
         # block hashes when it drops the last sampled token of a chunk, so a block it wrote
         # can be cached under a hash of other tokens, and a request that hits it holds KV
-        # that is not its tokens'. Blocks a session was given are not exported, by anyone
-        # and from that position on, until vLLM allocates them anew to another request
-        # (which evicts the stale hash).
+        # that is not its tokens'. Blocks a session was given to write (not its prefix hits)
+        # are not exported, by anyone and from that position on, until vLLM allocates them
+        # anew to another request (which evicts the stale hash).
         self._sessions: set[str] = set()
         self._tainted: set[int] = set()
         self._warned_sessions = False
@@ -231,7 +235,10 @@ class ExportLedger:
             blocks = [block_ids[i] for i in new]
         run = None
         if describe:  # (the channel's thread makes the BlockTokens: see TokenRun)
-            run = self._token_run(request, new, new_keys, parents, usable)
+            # Imported pages too: their exporter may withdraw them before we publish, and
+            # the registry keeps a block's tokens only while some holder lists it.
+            run = TokenRun(new_keys, parents, list(new) if isinstance(new, range) else new,
+                           request.all_token_ids, self._bs)
         if self.staged:
             slots = [self._free_slots.pop() for _ in new]
             idx = np.asarray(slots, dtype=np.int64)
@@ -252,32 +259,6 @@ class ExportLedger:
             self._waiting.append((self.step + 1, new_keys, blocks, locations, parents, run,
                                   self._forgets if clean else -1))
         self._update_gauges()
-
-    def _token_run(self, request: Request, new: Sequence[int], keys: list[bytes],
-                   parents: list[bytes], imported: tuple[int, list[bytes]] | None
-                   ) -> TokenRun | None:  # fmt: skip
-        """The token ids that go with this export, for KV events; none for blocks whose keys
-        came from a confirmed import: their exporter described them, and the registry keeps
-        a block's tokens while any holder lists it (so a 16k-token import re-offered costs
-        the channel no thousand token records)."""
-        lo = hi = 0
-        if imported is not None:
-            lo, hi = imported[0], imported[0] + len(imported[1])
-        if hi > lo:
-            if isinstance(new, range):
-                a, b = new.start, new.stop
-                spans = [(a, min(b, lo)), (max(a, hi), b)]
-                keep = [j - a for s, e in spans for j in range(s, e)]
-            else:
-                keep = [j for j, p in enumerate(new) if not lo <= p < hi]
-            if not keep:
-                return None
-            if len(keep) < len(new):
-                new = [new[j] for j in keep]
-                keys = [keys[j] for j in keep]
-                parents = [parents[j] for j in keep]
-        return TokenRun(keys, parents, list(new) if isinstance(new, range) else new,
-                        request.all_token_ids, self._bs)
 
     def _usable_keys(self, known: ConfirmedImport | None, block_ids: list[int],
                      tags: list[int] | None = None) -> tuple[int, list[bytes]] | None:  # fmt: skip
@@ -430,7 +411,7 @@ class ExportLedger:
             self.on_blocks_rewritten(rewritten)
             if self._tainted or self._sessions:  # (allocated anew: no stale hash left)
                 self._tainted.difference_update(rewritten)
-                self._tainted.update(session_blocks(scheduler_output, self._sessions))
+                self._tainted.update(session_blocks(scheduler_output, self._bs, self._sessions))
         epoch = self._resets.check()
         if epoch != self._epoch:  # the channel withdraws from the registry by itself
             self._epoch = epoch
@@ -448,7 +429,7 @@ class ExportLedger:
 
     def on_session_allocated(self, request_id: str, block_ids: list[int]) -> None:
         """vLLM admitted a streaming-input session (again: each chunk is admitted anew)
-        with these blocks: see ``_sessions``."""
+        with these blocks to write or load into: see ``_sessions``."""
         if not self._warned_sessions:
             self._warned_sessions = True
             logger.info("kvmkt: streaming-input session %s: blocks of sessions (and prefix "

@@ -128,6 +128,7 @@ class MarketplaceScheduler:
         # Allocated but not scheduled yet: under MultiConnector a sibling may be loading
         # them asynchronously; if such a request ends, its blocks hold unknown KV.
         self._not_run: set[str] = set()
+        self._session_hits: dict[str, int] = {}  # session -> local prefix hit tokens, asked
 
     # ------------------------------------------------------------ startup
 
@@ -268,6 +269,8 @@ class MarketplaceScheduler:
         self, request: Request, num_local: int
     ) -> tuple[int | None, bool]:
         self._stats_gate.on_asked(request.request_id, request.num_tokens)
+        if getattr(request, "resumable", False):  # its local prefix hits: see after_alloc
+            self._session_hits[request.request_id] = num_local
         trace(logger, request.request_id, f"asked {num_local}")  # (local hits too)
         if self._layout_pending():
             return None, False  # "ask again next step" (vLLM keeps the request waiting)
@@ -283,8 +286,11 @@ class MarketplaceScheduler:
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
         self._not_run.add(request.request_id)
-        if self._ledger is not None and getattr(request, "resumable", False):
-            self._ledger.on_session_allocated(request.request_id, block_ids)
+        if getattr(request, "resumable", False):
+            # Not the session's local prefix hits (others wrote them); all if not known.
+            hits = self._session_hits.pop(request.request_id, 0) // self._block_size
+            if self._ledger is not None:
+                self._ledger.on_session_allocated(request.request_id, block_ids[hits:])
         dst = self._planner.on_alloc(request, block_ids, n_ext)
         if dst and self._ledger is not None:
             self._ledger.on_blocks_rewritten(dst)  # our import writes them
@@ -363,8 +369,10 @@ class MarketplaceScheduler:
         self._stats_gate.on_request_finished(
             request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
-        if self._ledger is not None and getattr(request, "resumable", False):
-            self._ledger.on_session_finished(request.request_id)  # (exports none of it)
+        if getattr(request, "resumable", False):
+            self._session_hits.pop(request.request_id, None)
+            if self._ledger is not None:
+                self._ledger.on_session_finished(request.request_id)  # (exports none of it)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
             if scope is not None:

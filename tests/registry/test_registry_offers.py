@@ -82,9 +82,9 @@ def test_feed_snapshot_changes_and_holder_death(registry) -> None:
 
 
 def test_a_block_listed_again_without_tokens_stays_described(registry) -> None:
-    """What an importer's re-offer relies on (``ExportLedger._token_run``): it lists the
-    imported blocks without their tokens; the exporter's description of them stays while
-    either lists them, with the importer's bit, and goes when neither does."""
+    """A second holder listing described blocks without their tokens: the description
+    stays while either lists them, with the second holder's bit, and goes when neither does
+    (an importer's re-offer still sends the tokens: the exporter may withdraw first)."""
     keys, blocks = described(NS, TOKENS)
     a = holder(registry, "exporter")
     a.publish(keys, list(range(len(keys))), blocks)

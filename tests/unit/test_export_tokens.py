@@ -92,9 +92,7 @@ def test_in_place_tokens_equal_the_old_ones(registry, tmp_path):  # noqa: F811
     pk.extend(ta, upto=20 * BS)
     ledger.on_request_finished(_request("b", ta[: 70 * BS + 1]), ids[:40] + ids[100:131],
                                pk, True, known=ConfirmedImport(45, ka[45:61], [], True, None))
-    # (keys from the confirmed import, 45..60, go without tokens: their exporter described
-    # them, and the registry keeps a block's tokens while any holder lists it)
-    want.update({ka[i]: _expected(ta, ka, i) for i in range(40, 70) if not 45 <= i < 61})
+    want.update({ka[i]: _expected(ta, ka, i) for i in range(40, 70)})
     # c: its own prompt, blocks 200..; three of them rewritten before the settled publish
     tc = [(11 * i + 3) % 50000 for i in range(20 * BS)]
     kc = keyer.keys(tc)
@@ -138,6 +136,6 @@ def test_staged_tokens_equal_the_old_ones(registry):  # noqa: F811
                                True, known=ConfirmedImport(30, ka[30:50], [], True, None))
     jobs = ledger.take_jobs()
     ledger.on_saves_done([j.job_id for j in jobs])
-    want = {ka[i]: _expected(ta, ka, i) for i in range(30)}  # (30..49: from the import)
+    want = {ka[i]: _expected(ta, ka, i) for i in range(50)}
     _wait_offered(registry, want)
     channel.close()
