@@ -440,6 +440,12 @@ class ExportLedger:
     def on_session_finished(self, request_id: str) -> None:
         self._sessions.discard(request_id)  # (its blocks stay tainted until reallocated)
 
+    def on_blocks_given_anew(self, block_ids: list[int]) -> None:
+        """vLLM allocated these blocks to a request that is not a session (our import's
+        destination; the step's own allocations are handled in ``tick``): no stale hash."""
+        if self._tainted:
+            self._tainted.difference_update(block_ids)
+
     def _staging_slots(self) -> set[int]:
         return {s for _, slots, _, _ in self._staging.values() for s in slots}
 

@@ -294,6 +294,8 @@ class MarketplaceScheduler:
         dst = self._planner.on_alloc(request, block_ids, n_ext)
         if dst and self._ledger is not None:
             self._ledger.on_blocks_rewritten(dst)  # our import writes them
+            if not getattr(request, "resumable", False):
+                self._ledger.on_blocks_given_anew(dst)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
         if self._trace:
@@ -369,10 +371,10 @@ class MarketplaceScheduler:
         self._stats_gate.on_request_finished(
             request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
-        if getattr(request, "resumable", False):
-            self._session_hits.pop(request.request_id, None)
-            if self._ledger is not None:
-                self._ledger.on_session_finished(request.request_id)  # (exports none of it)
+        # (Unconditionally: vLLM turns ``resumable`` off on some errors.)
+        self._session_hits.pop(request.request_id, None)
+        if self._ledger is not None:
+            self._ledger.on_session_finished(request.request_id)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:
             scope = request_scope(request)
             if scope is not None:
