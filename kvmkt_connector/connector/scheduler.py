@@ -287,10 +287,13 @@ class MarketplaceScheduler:
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
         self._not_run.add(request.request_id)
         if getattr(request, "resumable", False):
-            # Not the session's local prefix hits (others wrote them); all if not known.
-            hits = self._session_hits.pop(request.request_id, 0) // self._block_size
+            # Not the blocks it only reads: its local prefix hits (others wrote them), or,
+            # re-admitted with a new chunk (vLLM asks us nothing then), what it computed
+            # before (tainted when it wrote them).
+            done = self._session_hits.pop(request.request_id, request.num_computed_tokens)
             if self._ledger is not None:
-                self._ledger.on_session_allocated(request.request_id, block_ids[hits:])
+                self._ledger.on_session_allocated(request.request_id,
+                                                  block_ids[done // self._block_size :])
         dst = self._planner.on_alloc(request, block_ids, n_ext)
         if dst and self._ledger is not None:
             self._ledger.on_blocks_rewritten(dst)  # our import writes them
