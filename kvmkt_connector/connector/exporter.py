@@ -80,39 +80,24 @@ class ResetWatch:
             return self.epoch
 
 
-def rewritten_blocks(out: SchedulerOutput, block_size: int) -> list[int]:
+def rewritten_blocks(out: SchedulerOutput, block_size: int, only: set[str] | None = None
+                     ) -> list[int]:  # fmt: skip
     """Blocks the step described by ``out`` may write: all newly allocated ones, but not a
-    new request's prefix-cache hits (blocks below its computed tokens are only read)."""
+    new request's prefix-cache hits (blocks below its computed tokens are only read).
+    ``only``: those of these requests (streaming-input sessions, see ``_sessions``)."""
     ids: list[int] = []
     for req in out.scheduled_new_reqs:
-        ids += req.block_ids[0][req.num_computed_tokens // block_size :]
-    cached = out.scheduled_cached_reqs
-    for rid, new, computed in zip(
-        cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
-    ):
-        if new:
-            skip = computed // block_size if rid in cached.resumed_req_ids else 0
-            ids += new[0][skip:]
-    # Both are new blocks of the requests above already; listed so no write is ever missed.
-    ids += getattr(out, "new_block_ids_to_zero", None) or []
-    return ids
-
-
-def session_blocks(out: SchedulerOutput, block_size: int, sessions: set[str]) -> list[int]:
-    """The blocks streaming-input sessions (``sessions``: their request ids) may write in the
-    step described by ``out``: as ``rewritten_blocks``, for those requests only (blocks they
-    only read, prefix hits, were computed and cached by others under right hashes)."""
-    ids: list[int] = []
-    for req in out.scheduled_new_reqs:
-        if req.req_id in sessions:
+        if only is None or req.req_id in only:
             ids += req.block_ids[0][req.num_computed_tokens // block_size :]
     cached = out.scheduled_cached_reqs
     for rid, new, computed in zip(
         cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
     ):
-        if new and rid in sessions:
+        if new and (only is None or rid in only):
             skip = computed // block_size if rid in cached.resumed_req_ids else 0
             ids += new[0][skip:]
+    if only is None:  # both are new blocks of the requests above already; listed so no
+        ids += getattr(out, "new_block_ids_to_zero", None) or []  # write is ever missed
     return ids
 
 
@@ -411,7 +396,7 @@ class ExportLedger:
             self.on_blocks_rewritten(rewritten)
             if self._tainted or self._sessions:  # (allocated anew: no stale hash left)
                 self._tainted.difference_update(rewritten)
-                self._tainted.update(session_blocks(scheduler_output, self._bs, self._sessions))
+                self._tainted.update(rewritten_blocks(scheduler_output, self._bs, self._sessions))
         epoch = self._resets.check()
         if epoch != self._epoch:  # the channel withdraws from the registry by itself
             self._epoch = epoch
