@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING
@@ -63,11 +63,14 @@ logger = get_logger(__name__)
 
 class ResetWatch:
     """Notices vLLM prefix-cache resets from any thread: ``BlockPool.reset_prefix_cache``
-    replaces the pool's hash map. ``epoch`` counts the resets seen."""
+    replaces the pool's hash map. ``epoch`` counts the resets seen. ``on_reset`` runs once
+    per reset, in whichever thread notices it first (twice would invalidate exports made
+    between the two)."""
 
-    def __init__(self, pool: BlockPool) -> None:
+    def __init__(self, pool: BlockPool, on_reset: Callable[[], None] | None = None) -> None:
         self._pool = pool
         self._seen = pool.cached_block_hash_to_block
+        self._on_reset = on_reset
         self._lock = threading.Lock()
         self.epoch = 0
 
@@ -77,6 +80,8 @@ class ResetWatch:
             if current is not self._seen:
                 self._seen = current
                 self.epoch += 1
+                if self._on_reset is not None:
+                    self._on_reset()
             return self.epoch
 
 
@@ -141,10 +146,11 @@ class ExportLedger:
         self._staging: dict[int, tuple[list[bytes], list[int], list[bytes], TokenRun | None]] = {}
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
         self._pending_jobs: list[SaveJob] = []
-        self._generation = channel.generation
-        self._resets = ResetWatch(pool)
+        # A reset bumps every generation (copies in flight fail their check) at once, even
+        # when the channel's thread notices it first (an exporter whose scheduler is idle).
+        self._resets = ResetWatch(pool, self._gens.bump_all if self._gens else None)
         self._epoch = 0  # resets seen by this ledger; exports are stamped with it
-        channel.watch_resets(self._resets.check, self._gens.bump_all if self._gens else lambda: None)
+        channel.watch_resets(self._resets.check)
         self._next_job = 0
         self.step = 0  # sequence number of the step being scheduled
         self._acked = -1  # every step up to this one has ended (workers said so)
@@ -402,13 +408,14 @@ class ExportLedger:
             self._epoch = epoch
             logger.info("kvmkt: prefix cache was reset: withdrawing %d exported pages",
                         len(self._listed))
-            self.withdraw_all(unpublish=False)
-        self._generation = self._channel.generation  # (the channel republishes by itself)
+            self.withdraw_all(unpublish=False, bump=False)  # (ResetWatch bumped)
         self._publish_settled()
+        # Releases of an older registration apply too: the channel no longer offers them
+        # (nor publishes them again), and a location names one use of a block or slot.
         for event in self._channel.take_events():
             if event.kind == "published":
                 self._stats.count("exported_blocks", len(event.locations))
-            elif event.kind == "released" and event.generation == self._generation:
+            elif event.kind == "released":
                 self._released(event.locations)
         self._update_gauges()
 
@@ -437,9 +444,9 @@ class ExportLedger:
     def _update_gauges(self) -> None:
         self._stats.gauge("exported_pages", len(self._listed))
 
-    def withdraw_all(self, unpublish: bool = True) -> None:
+    def withdraw_all(self, unpublish: bool = True, bump: bool = True) -> None:
         """Nothing published so far may be read any more (a cache reset)."""
-        if self._gens is not None:
+        if self._gens is not None and bump:
             self._gens.bump_all()  # copies in flight fail their check
         self._cancelled.update(self._staging)
         self._waiting.clear()

@@ -90,7 +90,6 @@ class ChannelEvent:
 
     kind: str  # released | published
     locations: list[int]
-    generation: int
 
 
 class HolderChannel:
@@ -121,16 +120,15 @@ class HolderChannel:
         # Cache resets (see exporter.ResetWatch): checked here too, so an exporter whose
         # scheduler does not step after a reset still withdraws at once.
         self._reset_epoch: Callable[[], int] = lambda: 0
-        self._on_reset: Callable[[], None] = lambda: None
         self._epoch = 0
         self._thread = threading.Thread(target=self._run, name="kvmkt-holder", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ scheduler thread
 
-    def watch_resets(self, epoch: Callable[[], int], on_reset: Callable[[], None]) -> None:
-        """``epoch()`` counts cache resets (thread-safe); ``on_reset`` runs once per reset."""
-        self._reset_epoch, self._on_reset = epoch, on_reset
+    def watch_resets(self, epoch: Callable[[], int]) -> None:
+        """``epoch()`` counts cache resets (thread-safe)."""
+        self._reset_epoch = epoch
 
     def publish(
         self, keys: list[bytes], locations: list[int], epoch: int = 0, tokens: list | None = None,
@@ -198,21 +196,23 @@ class HolderChannel:
                     self._drop()
         self._drop()
 
-    def _check_reset(self) -> None:
+    def _check_reset(self) -> int:
+        """The cache epoch now: a publish of another one is dropped (older) or kept. Called
+        again right before judging one: the ledger may have noticed a reset since."""
         epoch = self._reset_epoch()
         if epoch == self._epoch:
-            return
+            return epoch
         self._epoch = epoch
-        self._on_reset()
         if self._offered:  # nothing offered before the reset may be found any more
             self._ops.put(("unpublish", list(self._offered)))
             self._offered.clear()
             self._tokens.clear()
+        return epoch
 
     def _apply(self, client: RegistryClient, op: tuple) -> None:
         if op[0] == "publish":
             _, keys, locations, epoch, tokens, parents = op
-            if epoch != self._epoch:  # pages from before a cache reset
+            if epoch != self._check_reset():  # pages from before a cache reset
                 return
             tokens = block_tokens(tokens, keys)
             self._offered.update(zip(locations, zip(keys, parents, strict=True), strict=True))
@@ -269,7 +269,7 @@ class HolderChannel:
         what they released is not offered again)."""
         if op is None:
             return
-        if op[0] == "publish" and op[3] == self._epoch and not unknown:
+        if op[0] == "publish" and not unknown and op[3] == self._check_reset():
             self._offered.update(zip(op[2], zip(op[1], op[5], strict=True), strict=True))
             self._remember_tokens(block_tokens(op[4], op[1]))
         elif op[0] == "unpublish":
@@ -283,14 +283,12 @@ class HolderChannel:
             self._tokens = {k: t for k, t in self._tokens.items() if k in offered}
 
     def _emit(self, kind: str, locations: list[int]) -> None:
-        """Events carry the registration they are about, so the ledger never applies an
-        old registration's news to a new one."""
         if not locations:
             return
         if kind == "released":
             for loc in locations:
                 self._offered.pop(loc, None)
-        self._events.put(ChannelEvent(kind, list(locations), self.generation))
+        self._events.put(ChannelEvent(kind, list(locations)))
 
     def _connected(self) -> RegistryClient | None:
         if self._client is not None:

@@ -33,7 +33,7 @@ class RecordingChannel:
         self.ops: list[tuple] = []
         self.events: list = []
 
-    def watch_resets(self, epoch, on_reset) -> None:
+    def watch_resets(self, epoch) -> None:
         pass
 
     def publish(self, keys, locations, epoch=0, tokens=None, parents=None) -> None:

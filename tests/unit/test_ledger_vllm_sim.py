@@ -34,7 +34,7 @@ class _Channel:
         self.sim = sim
         self.published: dict[int, bytes] = {}
 
-    def watch_resets(self, epoch, on_reset):
+    def watch_resets(self, epoch):
         pass
 
     def publish(self, keys, locations, epoch=0, tokens=None, parents=None):

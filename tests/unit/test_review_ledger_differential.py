@@ -125,7 +125,7 @@ class Channel:
         self.finish_tokens: dict[int, list[int]] = {}
         self.pending_runs: list[tuple[int, list, list[bytes]]] = []
 
-    def watch_resets(self, epoch, on_reset) -> None:
+    def watch_resets(self, epoch) -> None:
         pass
 
     def publish(self, keys, locations, epoch=0, tokens=None, parents=None) -> None:

@@ -1,20 +1,15 @@
-"""NOT collected by the suite (no test_ prefix): open issues' reproducers from session 10's
-second review, older than that session; every test here fails. Run by path:
-``python -m pytest tests/unit/reproduce_channel_reset_outage.py``. None publishes a wrong page:
-pages go unoffered, or staged slots leak. Fixes the reviewer checked (not applied yet): call
-``_check_reset()`` in ``HolderChannel._not_done``; apply ``released`` events of an older
-registration too (``ExportLedger.tick``); bump generations once per reset.
+"""The holder channel and the export ledger around prefix-cache resets and registry restarts
+(session 10's second review; every test here failed before the fixes of session 11). None
+of these published a wrong page: pages went unoffered, or staged slots leaked.
 
 Found while reviewing 391c50e, NOT caused by it (HolderChannel predates both commits):
 a prefix-cache reset while the registry is unreachable. The channel's thread checks for
 resets (``_check_reset``) once per loop, then waits out a failed connect (up to 0.2 s) and
 parks what was queued meanwhile (``_park_queued`` -> ``_not_done``), keeping a publish only
 if its epoch equals the channel's. When the ledger noticed the reset first (its step ran
-during that wait), its exports of the new epoch are dropped there: never offered, never
-published after the registry comes back, while the ledger lists them. In place, later
-exports then skip those blocks as "listed already" (exports of them stop until vLLM
-rewrites them); staged, their slots are never released by the registry: leaked until the
-next reset. Not a wrong page."""
+during that wait), its exports of the new epoch were dropped there: never offered, never
+published after the registry came back, while the ledger listed them. Fix: the channel
+checks for a reset again right before judging a publish's epoch."""
 
 from __future__ import annotations
 
@@ -101,13 +96,14 @@ def test_exports_right_after_a_reset_during_an_outage_are_published(tmp_path, st
 
 def test_exports_listed_between_the_ledgers_and_the_channels_reset_check_stay_importable(
         tmp_path):
-    """Also pre-existing (in place): both the ledger (ExportLedger.withdraw_all) and the
-    channel's thread (its ``_on_reset``) bump every generation for one reset. When the
+    """(In place.) Both the ledger (ExportLedger.withdraw_all) and the channel's thread
+    (its ``_on_reset``) bumped every generation for one reset. When the
     scheduler's step notices the reset first (the channel's thread wakes every
     registry_sync_interval_ms, 200 ms by default), a request finishing before the channel's
     check is exported under generations the channel's bump then invalidates: listed, offered
     in the registry, never importable (importers' tag checks fail), and not exported again
-    while the ledger lists those blocks."""
+    while the ledger lists those blocks. Fix: ``ResetWatch`` bumps once per reset, in
+    whichever thread notices it first."""
     d = tempfile.mkdtemp(dir="/tmp")
     os.chmod(d, 0o700)
     sock = os.path.join(d, "r.sock")
@@ -155,13 +151,14 @@ def test_exports_listed_between_the_ledgers_and_the_channels_reset_check_stay_im
 
 
 def test_releases_of_a_lost_registration_still_free_their_slots(tmp_path):
-    """Also pre-existing: the channel takes a released location off its offered set when it
-    emits the event, but the ledger ignores "released" events of an older registration
+    """The channel takes a released location off its offered set when it
+    emits the event, but the ledger ignored "released" events of an older registration
     (ExportLedger.tick: ``event.generation == self._generation``). A registry LRU release
     that the ledger had not applied yet when the holder re-registered (registry restart) is
-    then lost: the location is neither offered (not republished) nor forgotten. Staged, its
+    then lost: the location was neither offered (not republished) nor forgotten. Staged, its
     slot never comes back (the registry cannot release or reclaim what it does not list);
-    in place, the block stays "listed" and is not exported again."""
+    in place, the block stays "listed" and is not exported again. Fix: the ledger applies
+    releases of any registration (a location names one use of a block or slot)."""
     d = tempfile.mkdtemp(dir="/tmp")
     os.chmod(d, 0o700)
     sock = os.path.join(d, "r.sock")
