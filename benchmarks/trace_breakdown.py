@@ -19,7 +19,9 @@ inside each of our connector hooks that started in the call's window (every step
 lookup, planning, launch, reports, the forward step's hooks too), time a hook waited for a
 copy left out; medians per call. The second sums the hooks' thread CPU time the same way:
 where wall time is well above it, the hook was not running (most often it waited for the
-GIL held by vLLM's other threads). A copy wait that spins counts as CPU time.
+GIL held by vLLM's other threads). A copy wait that spins counts as CPU time. Then the
+hook calls that stalled (wall over CPU by 2 ms), with the ``kvmkt-wait`` spans overlapping
+each: a slow lease reply, or our holder channel's thread busy (holding the GIL).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _CALL = re.compile(r"^(import|hit)-call (\d+) (\d+) (\d+)")
 _TRACE = re.compile(r"kvmkt-trace (\d+) (\S+) (\S+)")
 _HOOKS = re.compile(r"kvmkt-hooks (.*)")
 _SPAN = re.compile(r"(\d+):(-?\d+):(?:(-?\d+):)?([A-Za-z_]\w*)")
+_WAIT = re.compile(r"kvmkt-wait (\d+):(\d+):(\d+):(\S+)")
 
 
 def windows(bench_log: str) -> list[tuple[int, int, tuple[str, int]]]:
@@ -111,6 +114,25 @@ def timelines(calls, evs) -> dict[tuple[str, int], list[list[tuple[str, float]]]
     return by_len
 
 
+def print_stalls(engine_log: str, spans) -> None:
+    """Hook calls whose wall time exceeds their CPU time by over 2 ms (they did not run:
+    a registry reply, or the GIL), each with the ``kvmkt-wait`` spans (logs.trace_wait:
+    lease replies, the holder channel's operations) that overlap it."""
+    waits = []
+    with open(engine_log, errors="replace") as f:
+        for line in f:
+            if m := _WAIT.search(line):
+                waits.append((int(m[1]), int(m[2]), int(m[3]), m[4]))
+    stalls = [(t, ns, cpu, h) for t, ns, cpu, h in spans if cpu >= 0 and ns - cpu > 2_000_000]
+    print(f"\n== stalls: hook calls with wall - CPU > 2 ms: {len(stalls)} of {len(spans)}; "
+          f"kvmkt-wait spans logged: {len(waits)} ==")
+    for t, ns, cpu, h in stalls:
+        over = [f"{w}: {wns / 1e6:.1f} ms (cpu {wcpu / 1e6:.1f})" for wt, wns, wcpu, w in waits
+                if wt < t + ns and wt + wns > t]
+        print(f"  {h}: {ns / 1e6:.1f} ms wall, {cpu / 1e6:.1f} ms cpu; overlapping: "
+              + ("; ".join(over) or "none logged"))
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__)
@@ -120,6 +142,7 @@ def main(argv: list[str]) -> int:
     print_host_work(host_work(calls, spans))
     if spans and all(cpu >= 0 for _, _, cpu, _ in spans):
         print_host_work(host_work(calls, spans, cpu=True), "the hooks' thread CPU time,")
+        print_stalls(argv[1], spans)
     evs = events(argv[1])
     if not evs:
         return 0

@@ -1,6 +1,6 @@
 """Time to first token with MarketplaceConnector: import vs recompute vs local hit.
 
-    python benchmarks/ttft_bench.py [--out DIR] [--reps 5]
+    python benchmarks/ttft_bench.py [--out DIR] [--reps 5] [--floor]
 
 Instances (vLLM 0.26.0, Llama-3-8B shape, dummy weights, bf16, default compilation and
 CUDA graphs, token-id prompts): A exports (GPU0), B imports (GPU1), R has no connector
@@ -16,6 +16,13 @@ same prefix, now in its own cache, after A and R prefilled prompts as long: the 
 conditions, B idle meanwhile), warm hit (the same, right after the import). Ratio = import /
 (local hit + KV bytes / copy peak), with the copy peak measured in this run (1 GiB torch copy
 GPU0 -> GPU1); "warm" divides by the warm hit instead.
+
+With ``--floor``, engine F (next to B) runs ``benchmarks/async_floor_connector.py``, which
+claims the same prefix and moves no KV: "floor async" is the time to first token of an
+asynchronous import that costs nothing on our side (vLLM parks the request, then promotes
+it), "floor sync" that of a synchronous claim (what issue 8 rules out on GPU defaults). Their
+outputs are meaningless (the blocks keep what they held); only their times count. Engines
+then take 0.22 of the GPU each instead of 0.27.
 
 Overhead: (1) no shared prefixes, connector on (B) vs off (R): output tokens/s; (2) the
 exporter's (A's) tokens/s alone vs while B imports from it in a loop (pair only: on one GPU
@@ -71,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=".")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (faster start)")
+    ap.add_argument("--floor", action="store_true",
+                    help="engine F: vLLM's floor for async/sync imports (async_floor_connector)")
     args = ap.parse_args(argv)
     import torch
 
@@ -86,13 +95,20 @@ def main(argv=None) -> int:
     max_len = 32768 + 256
     base = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
                 max_model_len=max_len, max_num_batched_tokens=max_len, block_size=16,
-                enable_prefix_caching=True, gpu_memory_utilization=0.42 if pair else 0.27,
+                enable_prefix_caching=True,
+                gpu_memory_utilization=(0.3 if args.floor else 0.42) if pair
+                else (0.22 if args.floor else 0.27),
                 enforce_eager=args.eager, seed=0)
     conn = {"kv_connector": "MarketplaceConnector", "kv_role": "kv_both"}
     gpu_b = "1" if pair else "0"
     specs = [("A", dict(base, kv_transfer_config=conn), "0"),
              ("B", dict(base, kv_transfer_config=conn), gpu_b),
              ("R", dict(base), gpu_b)]
+    floor_conn = {"kv_connector": "AsyncFloorConnector", "kv_role": "kv_both",
+                  "kv_connector_module_path": "benchmarks.async_floor_connector"}
+    if args.floor:
+        specs.append(("F", dict(base, kv_transfer_config=floor_conn), gpu_b))
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     engines: dict[str, EngineProcess] = {}
     os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
     t0 = time.time()
@@ -100,6 +116,9 @@ def main(argv=None) -> int:
         for name, kw, gpus in specs:
             extra = ({"KVMKT_PROFILE": os.path.join(args.out, f"profile-{name}")}
                      if os.environ.get("KVMKT_PROFILE") else {})  # (see logs.HookTimes)
+            if name == "F":  # (vLLM imports the floor connector by module path)
+                extra["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (repo, os.environ.get("PYTHONPATH")) if p)
             engines[name] = EngineProcess(kw, dict(env, CUDA_VISIBLE_DEVICES=gpus, **extra),
                                           os.path.join(args.out, "logs", f"ttft-engine-{name}.log"))
             if not pair or name != "A":  # engines sharing a GPU start one at a time
@@ -107,13 +126,18 @@ def main(argv=None) -> int:
                     e.wait_ready()
         print(f"engines up in {time.time() - t0:.0f} s", flush=True)
         a, b, r = engines["A"], engines["B"], engines["R"]
+        f = engines.get("F")
         rng = random.Random(0)
 
         def toks(n):
             return [rng.randrange(1000, VOCAB) for _ in range(n)]
 
-        for e in (a, b, r):  # warm-up (compile paths, CUDA graphs)
+        for e in engines.values():  # warm-up (compile paths, CUDA graphs)
             e.generate([toks(512)], max_tokens=4)
+        if f is not None:  # and the floor's paths once each
+            for mode in ("async", "sync"):
+                f.generate([toks(520)], max_tokens=1, options=[
+                    {"kv_transfer_params": {"kvmkt_floor": mode, "floor_tokens": 512}}])
         warm = toks(512)  # one import first: B's first copy compiles nothing, but opens A's
         a.generate([warm], max_tokens=1)  # IPC handles, which the timed imports then reuse
         time.sleep(0.1)
@@ -123,7 +147,9 @@ def main(argv=None) -> int:
         for workload, lengths, suffix in (("chat", CHAT, 100), ("doc", DOC, 30)):
             for length in lengths:
                 res = {"recompute": [], "import": [], "local hit": [], "warm hit": []}
-                imported = []
+                if f is not None:
+                    res.update({"floor async": [], "floor sync": []})
+                imported, floor_claimed = [], []
                 for _ in range(args.reps):
                     prefix = toks(length)
                     a.generate([prefix + toks(suffix)], max_tokens=1)  # A computes, exports
@@ -133,6 +159,13 @@ def main(argv=None) -> int:
                     (imp,) = b.generate([prefix + toks(suffix)], max_tokens=1)
                     print(f"import-call {t_sub} {time.monotonic_ns()} {length}", flush=True)
                     (warm,) = b.generate([prefix + toks(suffix)], max_tokens=1)
+                    if f is not None:  # (a new prefix each: F caches what it claimed)
+                        for mode in ("async", "sync"):
+                            (fl,) = f.generate([toks(length + suffix)], max_tokens=1, options=[
+                                {"kv_transfer_params": {"kvmkt_floor": mode,
+                                                        "floor_tokens": length}}])
+                            res[f"floor {mode}"].append(fl.seconds)
+                            floor_claimed.append(fl.cached_tokens)
                     # The local hit under the import's conditions: B idle while A and R
                     # prefill as long a prompt (right after the import, B is still warm).
                     a.generate([toks(length + suffix)], max_tokens=1)
@@ -146,7 +179,8 @@ def main(argv=None) -> int:
                     res["local hit"].append(hit.seconds)
                     res["warm hit"].append(warm.seconds)
                     imported.append(imp.imported_tokens)
-                rows.append(dict(workload=workload, prefix=length, imported=imported, **res))
+                rows.append(dict(workload=workload, prefix=length, imported=imported,
+                                 floor_claimed=floor_claimed, **res))
                 print(f"{workload} {length}: " + ", ".join(
                     f"{k} {statistics.mean(v) * 1e3:.1f} ms" for k, v in res.items()), flush=True)
 
@@ -214,7 +248,7 @@ def report(rows, over, peak, pair, out_dir) -> None:
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for arm, style in (("recompute", "o-"), ("import", "s-"), ("local hit", "^-"),
-                           ("warm hit", "v:")):
+                           ("warm hit", "v:"), ("floor async", "x--")):
             pts = sorted((row["prefix"], statistics.mean(row[arm]) * 1e3) for row in rows if arm in row)
             ax.plot([p for p, _ in pts], [t for _, t in pts], style, label=arm)
         ax.set_xlabel("shared prefix (tokens)")
@@ -246,6 +280,23 @@ def report(rows, over, peak, pair, out_dir) -> None:
                         for k in arms)
         print(f"{row['workload']:<6}{row['prefix']:>7}{cells}{min(row['imported']):>9}"
               f"{eff:>9.0f}{ratio:>7.2f}{warm:>6.2f}")
+    if any("floor async" in row for row in rows):
+        print("\n== floor (F, async_floor_connector: no KV moved), ms mean / p90 ==")
+        print("ratio = arm / (local hit + bytes/peak), as for the import; import/floor = how much "
+              "our import adds to vLLM's own asynchronous path")
+        print(f"{'workload':<6}{'prefix':>7}{'floor async':>16}{'floor sync':>16}{'claimed':>9}"
+              f"{'async ratio':>12}{'sync ratio':>11}{'import ratio':>13}{'import/floor':>13}")
+        for row in rows:
+            if "floor async" not in row:
+                continue
+            m = {k: statistics.mean(row[k]) for k in ("import", "local hit", "floor async",
+                                                      "floor sync")}
+            base = m["local hit"] + statistics.mean(row["imported"]) * KV_BYTES_PER_TOKEN / (peak * 1e9)
+            cells = "".join(f"{m[k] * 1e3:>8.1f}/{p90(row[k]) * 1e3:<7.1f}"
+                            for k in ("floor async", "floor sync"))
+            print(f"{row['workload']:<6}{row['prefix']:>7}{cells}{min(row['floor_claimed']):>9}"
+                  f"{m['floor async'] / base:>12.2f}{m['floor sync'] / base:>11.2f}"
+                  f"{m['import'] / base:>13.2f}{m['import'] / m['floor async']:>13.2f}")
     print("\n== overhead (output tokens/s) ==")
     on, off = over["connector_on_tok_s"], over["connector_off_tok_s"]
     print(f"no shared prefixes: connector on {on:.0f}, off {off:.0f} ({(on / off - 1) * 100:+.2f} %)")

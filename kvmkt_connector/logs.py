@@ -19,6 +19,20 @@ def trace(logger: logging.Logger, request_id: str, event: str) -> None:
         logger.info("kvmkt-trace %d %s %s", time.monotonic_ns(), request_id, event)
 
 
+def waits_traced() -> bool:
+    """Whether ``trace_wait`` logs (KVMKT_TRACE=1 or hooks)."""
+    return os.environ.get("KVMKT_TRACE") in ("1", "hooks")
+
+
+def trace_wait(logger: logging.Logger, what: str, t0: int, c0: int, min_ns: int = 1_000_000) -> None:
+    """Log a span that began at ``t0`` (monotonic ns; ``c0``: thread CPU ns then) if it took
+    at least ``min_ns``: ``kvmkt-wait <start ns>:<ns>:<cpu ns>:<what>``. For what may block
+    vLLM's scheduler thread (a registry reply) or hold the GIL from it (our threads)."""
+    ns = time.monotonic_ns() - t0
+    if ns >= min_ns:
+        logger.info("kvmkt-wait %d:%d:%d:%s", t0, ns, time.thread_time_ns() - c0, what)
+
+
 def trace_gc(logger: logging.Logger) -> None:
     """With KVMKT_TRACE=1, also stamp this process's garbage collections (a full one can
     stall a step for milliseconds: the breakdown must tell them from our work)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.hashing import token_bytes
-from kvmkt_connector.logs import get_logger
+from kvmkt_connector.logs import get_logger, trace_wait, waits_traced
 from kvmkt_connector.registry.client import RegistryClient
 from kvmkt_connector.registry.protocol import (
     PUBLISH_CHUNK_BYTES,
@@ -121,6 +121,7 @@ class HolderChannel:
         # scheduler does not step after a reset still withdraws at once.
         self._reset_epoch: Callable[[], int] = lambda: 0
         self._epoch = 0
+        self._trace_waits = waits_traced()
         self._thread = threading.Thread(target=self._run, name="kvmkt-holder", daemon=True)
         self._thread.start()
 
@@ -181,7 +182,12 @@ class HolderChannel:
                 continue
             if op is not None:
                 try:
-                    self._apply(client, op)
+                    if self._trace_waits:  # (this thread's work holds the GIL from vLLM's)
+                        t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+                        self._apply(client, op)
+                        trace_wait(logger, f"channel-{op[0]}", t0, c0)
+                    else:
+                        self._apply(client, op)
                 except Exception as e:  # the outcome is unknown: see _not_done
                     logger.warning("kvmkt: registry holder connection lost: %s", e)
                     self._drop()

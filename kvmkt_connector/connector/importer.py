@@ -30,7 +30,7 @@ from kvmkt_connector.config import MarketplaceConfig
 from kvmkt_connector.connector.metadata import LoadJob
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.hashing import KeyProbe, PrefixKeys
-from kvmkt_connector.logs import get_logger, trace
+from kvmkt_connector.logs import get_logger, trace, trace_wait, waits_traced
 from kvmkt_connector.metrics import MarketplaceStats
 from kvmkt_connector.registry.client import PendingReply
 from kvmkt_connector.registry.leases import MAX_LEASE_RUN
@@ -141,6 +141,7 @@ class ImportPlanner:
         # In place: the current tags of our blocks (the export's generation table), to tell
         # later whether a confirmed import's blocks still hold what it copied.
         self.block_locations: Callable[[list[int]], list[int]] | None = None
+        self._trace_waits = waits_traced()
 
     # ------------------------------------------------------------ lookup + lease
 
@@ -203,7 +204,12 @@ class ImportPlanner:
         assert asked is not None
         request, hint = asked.request, state.usable
         state.usable, state.keys = 0, []
-        reply = self._link.result(asked.reply)
+        if self._trace_waits:
+            t0, c0 = time.monotonic_ns(), time.thread_time_ns()
+            reply = self._link.result(asked.reply)
+            trace_wait(logger, f"lease-reply:{request.request_id}", t0, c0)
+        else:
+            reply = self._link.result(asked.reply)
         trace(logger, request.request_id, "granted")
         chain = reply if isinstance(reply, LeaseGranted) else None
         grant = self._checked(chain, asked, state, hint)
