@@ -218,10 +218,9 @@ class MarketplaceConnector(KVConnectorBase_V1):
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        # (A session's blocks are needed even when nothing is imported: see ExportLedger's
-        # _sessions; under MultiConnector a sibling may be loading them.)
-        wanted = num_external_tokens or getattr(request, "resumable", False)
-        block_ids = blocks.get_block_ids()[0] if wanted else []
+        # (Also when we import nothing: under MultiConnector a sibling may load into them,
+        # and the export ledger must stop offering what they held; see the scheduler.)
+        block_ids = blocks.get_block_ids()[0]
         self._timed("after_alloc", self._scheduler.update_state_after_alloc, request, block_ids,
                     num_external_tokens)
 

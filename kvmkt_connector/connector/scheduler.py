@@ -128,7 +128,7 @@ class MarketplaceScheduler:
         # Allocated but not scheduled yet: under MultiConnector a sibling may be loading
         # them asynchronously; if such a request ends, its blocks hold unknown KV.
         self._not_run: set[str] = set()
-        self._session_hits: dict[str, int] = {}  # session -> local prefix hit tokens, asked
+        self._local_hits: dict[str, int] = {}  # request -> local prefix hit tokens, asked
 
     # ------------------------------------------------------------ startup
 
@@ -269,8 +269,7 @@ class MarketplaceScheduler:
         self, request: Request, num_local: int
     ) -> tuple[int | None, bool]:
         self._stats_gate.on_asked(request.request_id, request.num_tokens)
-        if getattr(request, "resumable", False):  # its local prefix hits: see after_alloc
-            self._session_hits[request.request_id] = num_local
+        self._local_hits[request.request_id] = num_local  # (see update_state_after_alloc)
         trace(logger, request.request_id, f"asked {num_local}")  # (local hits too)
         if self._layout_pending():
             return None, False  # "ask again next step" (vLLM keeps the request waiting)
@@ -286,19 +285,24 @@ class MarketplaceScheduler:
 
     def update_state_after_alloc(self, request: Request, block_ids: list[int], n_ext: int) -> None:
         self._not_run.add(request.request_id)
-        if getattr(request, "resumable", False):
-            # Not the blocks it only reads: its local prefix hits (others wrote them), or,
-            # re-admitted with a new chunk (vLLM asks us nothing then), what it computed
-            # before (tainted when it wrote them).
-            done = self._session_hits.pop(request.request_id, request.num_computed_tokens)
-            if self._ledger is not None:
-                self._ledger.on_session_allocated(request.request_id,
-                                                  block_ids[done // self._block_size :])
+        # The blocks past its local prefix hits (others wrote those; a session re-admitted
+        # with a new chunk, which vLLM asks us nothing about, computed them before) are
+        # written before anything reads them: by our import (``dst``), by the step's forward
+        # (the step's tick sees those too), or by a sibling connector's load under
+        # MultiConnector, which vLLM reports to us nowhere else. So none of them is offered
+        # from now on.
+        done = self._local_hits.pop(request.request_id, request.num_computed_tokens)
+        written = block_ids[done // self._block_size :]
+        session = getattr(request, "resumable", False)
+        if session and self._ledger is not None:
+            self._ledger.on_session_allocated(request.request_id, written)
         dst = self._planner.on_alloc(request, block_ids, n_ext)
-        if dst and self._ledger is not None:
-            self._ledger.on_blocks_rewritten(dst)  # our import writes them
-            if not getattr(request, "resumable", False):
-                self._ledger.on_blocks_given_anew(dst)
+        if dst and (not written or written[0] != dst[0]):  # (both start past the local hits)
+            written = list(dict.fromkeys([*dst, *written]))
+        if written and self._ledger is not None:
+            self._ledger.on_blocks_rewritten(written)
+            if not session:
+                self._ledger.on_blocks_given_anew(written)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> MarketplaceConnectorMetadata:
         if self._trace:
@@ -374,8 +378,8 @@ class MarketplaceScheduler:
         self._stats_gate.on_request_finished(
             request.request_id, request.status == RequestStatus.FINISHED_ABORTED)
         keys = self._keys.pop(request.request_id, None)
+        self._local_hits.pop(request.request_id, None)
         # (Unconditionally: vLLM turns ``resumable`` off on some errors.)
-        self._session_hits.pop(request.request_id, None)
         if self._ledger is not None:
             self._ledger.on_session_finished(request.request_id)
         if self._ledger is not None and self._keyer is not None and block_ids and not unsure:

@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 CLAIMS: dict[str, int] = {}
+SYNC: set[str] = set()  # request ids whose claim is a synchronous load
 ALLOCATED: list[tuple[str, list[int], int]] = []
 
 
@@ -37,7 +38,7 @@ class AsyncSibling(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request, num_computed_tokens):
         want = CLAIMS.pop(request.request_id, 0)
         if want > num_computed_tokens:
-            return want - num_computed_tokens, True
+            return want - num_computed_tokens, request.request_id not in SYNC
         return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens):

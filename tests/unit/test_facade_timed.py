@@ -83,7 +83,7 @@ def test_scheduler_hooks(monkeypatch, on):
     assert rec.calls == [
         ("get_num_new_matched_tokens", (req, 16), {}),
         ("update_state_after_alloc", (req, [4, 5, 6], 48), {}),
-        ("update_state_after_alloc", (req, [], 0), {}),
+        ("update_state_after_alloc", (req, [4, 5, 6], 0), {}),  # (a sibling may load them)
         ("build_connector_meta", (so,), {}),
         ("update_connector_output", (co,), {}),
         ("request_finished", (req, [1, 2]), {}),
