@@ -50,7 +50,7 @@ class _Channel:
     def __init__(self) -> None:
         self.published = self.unpublished = 0
 
-    def watch_resets(self, epoch, on_reset) -> None:
+    def watch_resets(self, epoch) -> None:
         pass
 
     def publish(self, keys, locations, epoch=0, tokens=None, parents=None) -> None:

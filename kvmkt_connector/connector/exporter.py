@@ -354,11 +354,28 @@ class ExportLedger:
 
     def on_blocks_rewritten(self, block_ids: list[int]) -> None:
         """vLLM will write these blocks (a step or an import we just planned): bump their
-        generations before that write can start, and stop offering them."""
-        if self._gens is None or not block_ids:
+        generations before that write can start, and stop offering them. Staged, a save not
+        sent to the workers yet is dropped instead: a sibling connector's load into them
+        (under MultiConnector) is not ordered after it, as the step's forward is."""
+        if not block_ids:
+            return
+        if self._gens is None:
+            if self._pending_jobs:
+                self._drop_pending_saves(block_ids)
             return
         self._gens.bump(block_ids)
         self._withdraw(block_ids)
+
+    def _drop_pending_saves(self, block_ids: list[int]) -> None:
+        written = set(block_ids)
+        keep = []
+        for job in self._pending_jobs:
+            if written.isdisjoint(job.src):
+                keep.append(job)
+            else:
+                _, slots, _, _ = self._staging.pop(job.job_id)
+                self._forget(slots)
+        self._pending_jobs = keep
 
     def _withdraw(self, indices: list[int]) -> None:
         """Stop listing those listed (in place); the registry's answer needs no waiting for."""

@@ -25,6 +25,7 @@ import contextlib
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Sequence
 
@@ -75,6 +76,10 @@ class GenerationTable:
         self.generations = np.frombuffer(self._mmap, dtype=np.uint32, count=num_blocks,
                                          offset=_HEADER_BYTES)
         self._gens_mv = memoryview(self.generations).cast("B").cast("I")
+        # Bumps are read-modify-writes from two threads (a cache reset's bump_all may run
+        # on the holder channel's): unlocked, one could write back a generation the other
+        # had moved past. Readers need no lock (either value is a valid tag then).
+        self._bump_lock = threading.Lock()
 
     @classmethod
     def create(cls, path: str, num_blocks: int) -> GenerationTable:
@@ -106,10 +111,13 @@ class GenerationTable:
         """Blocks about to be rewritten: no location published before stays valid."""
         if len(block_ids):  # (a block listed twice gets the same new value twice)
             idx = np.asarray(block_ids, dtype=np.int64)
-            self.generations[idx] = next_generations(self.generations[idx])
+            with self._bump_lock:
+                self.generations[idx] = next_generations(self.generations[idx])
 
     def bump_all(self) -> None:
-        self.generations[:] = next_generations(self.generations)
+        with self._bump_lock:
+            if self.generations is not None:  # (closed: the engine is shutting down)
+                self.generations[:] = next_generations(self.generations)
 
     def locations(self, block_ids: list[int]) -> list[int]:
         """The current locations of these blocks. (Callers hold lists; past a few dozen
@@ -135,7 +143,8 @@ class GenerationTable:
         return int(stale[0]) if stale.size else len(locations)
 
     def close(self) -> None:
-        self.generations = None  # type: ignore[assignment]
+        with self._bump_lock:
+            self.generations = None  # type: ignore[assignment]
         self._gens_mv.release()
         with contextlib.suppress(BufferError):
             self._mmap.close()

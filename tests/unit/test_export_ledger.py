@@ -283,3 +283,22 @@ def test_in_place_export_hashes_only_what_it_does_not_list(registry, tmp_path):
         listed = {b: k for b, (k, _) in ledger._listed.items()}
         assert [listed[b] for b in other] == full[131:141]
     ledger.shutdown()
+
+
+def test_staged_save_not_sent_yet_is_dropped_when_its_blocks_are_given_out(registry):
+    """A sibling connector (MultiConnector) may load into blocks vLLM takes back from its
+    prefix cache in the very step whose metadata would carry our save of them: that load is
+    not ordered after our copy (the forward is), so the save is dropped, its slots freed."""
+    pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
+    ledger, channel = _ledger(registry, pool, staged=8)
+    keys, blocks = _export(ledger, pool, "r1", 6, seed=9)
+    _export(ledger, pool, "r2", 2, seed=11)  # another export, of other blocks, is kept
+    ledger.on_blocks_rewritten([blocks[3].block_id])  # given to a request a sibling loads
+    (job,) = ledger.take_jobs()
+    assert job.src and blocks[3].block_id not in job.src
+    assert len(ledger._free_slots) == 8 - 2 and len(ledger._listed) == 2
+    ledger.on_saves_done([job.job_id])
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        _settle(ledger, lambda: q.status().published_blocks == 2)
+        assert q.lookup(NS, keys)[1] == 0
+    channel.close()
