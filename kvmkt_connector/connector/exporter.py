@@ -354,27 +354,34 @@ class ExportLedger:
 
     def on_blocks_rewritten(self, block_ids: list[int]) -> None:
         """vLLM will write these blocks (a step or an import we just planned): bump their
-        generations before that write can start, and stop offering them. Staged, a save not
-        sent to the workers yet is dropped instead: a sibling connector's load into them
-        (under MultiConnector) is not ordered after it, as the step's forward is."""
-        if not block_ids:
-            return
-        if self._gens is None:
-            if self._pending_jobs:
-                self._drop_pending_saves(block_ids)
+        generations before that write can start, and stop offering them. (Staged: our
+        workers copy a step's saves before its forward and its loads.)"""
+        if self._gens is None or not block_ids:
             return
         self._gens.bump(block_ids)
         self._withdraw(block_ids)
 
-    def _drop_pending_saves(self, block_ids: list[int]) -> None:
-        written = set(block_ids)
+    def drop_pending_saves(self, block_ids: list[int]) -> None:
+        """Staged: another connector loads into these blocks in the step whose metadata
+        carries our saves (a MultiConnector sibling), not ordered after our copies. A save
+        not sent yet keeps only its blocks before the first of them; the rest's slots are
+        freed."""
+        if not self._pending_jobs or not block_ids:
+            return
+        loaded = set(block_ids)
         keep = []
         for job in self._pending_jobs:
-            if written.isdisjoint(job.src):
+            if loaded.isdisjoint(job.src):
                 keep.append(job)
+                continue
+            cut = next(i for i, b in enumerate(job.src) if b in loaded)
+            keys, slots, parents, run = self._staging.pop(job.job_id)
+            self._forget(slots[cut:])
+            if cut:
+                self._staging[job.job_id] = (keys[:cut], slots[:cut], parents[:cut], run)
+                keep.append(SaveJob(job.job_id, job.src[:cut], job.dst[:cut], job.keys[:cut]))
             else:
-                _, slots, _, _ = self._staging.pop(job.job_id)
-                self._forget(slots)
+                self._cancelled.discard(job.job_id)
         self._pending_jobs = keep
 
     def _withdraw(self, indices: list[int]) -> None:

@@ -129,6 +129,9 @@ class MarketplaceScheduler:
         # them asynchronously; if such a request ends, its blocks hold unknown KV.
         self._not_run: set[str] = set()
         self._local_hits: dict[str, int] = {}  # request -> local prefix hit tokens, asked
+        # Staged: requests allocated this step that we load nothing into -> (first block
+        # past their local hits, their blocks from there); see _sibling_loads
+        self._allocated: dict[str, tuple[int, list[int]]] = {}
 
     # ------------------------------------------------------------ startup
 
@@ -300,6 +303,8 @@ class MarketplaceScheduler:
         if dst and (not written or written[0] != dst[0]):  # (both start past the local hits)
             written = list(dict.fromkeys([*dst, *written]))
         if written and self._ledger is not None:
+            if self._ledger.staged and not dst:
+                self._allocated[request.request_id] = (done // self._block_size, written)
             self._ledger.on_blocks_rewritten(written)
             if not session:
                 self._ledger.on_blocks_given_anew(written)
@@ -310,6 +315,8 @@ class MarketplaceScheduler:
         if self._not_run:
             scheduled = scheduler_output.num_scheduled_tokens
             self._not_run = {r for r in self._not_run if r not in scheduled}
+        if self._allocated:
+            self._sibling_loads(scheduler_output)
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
         self._leases.sweep()
@@ -329,6 +336,23 @@ class MarketplaceScheduler:
             loads=loads, saves=saves, idle_step=not self._step_runs, step=step, ack=ack,
             want_layout=self._awaiting_layout, outputs=outputs,
         )
+
+    def _sibling_loads(self, out: SchedulerOutput) -> None:
+        """Staged: blocks another connector loads into in this step (under MultiConnector):
+        those of a request it parked for an asynchronous load, and those below what a
+        request scheduled now counts as computed past its local hits (a synchronous load).
+        Our saves not sent yet must not copy them (``ExportLedger.drop_pending_saves``)."""
+        allocated, self._allocated = self._allocated, {}
+        computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
+        cached = out.scheduled_cached_reqs
+        computed.update((rid, n) for rid, n in zip(cached.req_ids, cached.num_computed_tokens,
+                                                   strict=True) if rid in cached.resumed_req_ids)
+        loaded: list[int] = []
+        for rid, (first, blocks) in allocated.items():
+            n = computed.get(rid)
+            loaded += blocks if n is None else blocks[: max(0, n // self._block_size - first)]
+        if loaded and self._ledger is not None:
+            self._ledger.drop_pending_saves(loaded)
 
     def update_connector_output(self, output: KVConnectorOutput) -> None:
         meta = output.kv_connector_worker_meta

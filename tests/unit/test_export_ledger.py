@@ -285,20 +285,23 @@ def test_in_place_export_hashes_only_what_it_does_not_list(registry, tmp_path):
     ledger.shutdown()
 
 
-def test_staged_save_not_sent_yet_is_dropped_when_its_blocks_are_given_out(registry):
+def test_staged_save_not_sent_yet_stops_before_blocks_a_sibling_loads_into(registry):
     """A sibling connector (MultiConnector) may load into blocks vLLM takes back from its
-    prefix cache in the very step whose metadata would carry our save of them: that load is
-    not ordered after our copy (the forward is), so the save is dropped, its slots freed."""
+    prefix cache in the very step whose metadata carries our save of them: that load is not
+    ordered after our copy (the forward is), so the save keeps only the blocks before the
+    first such block, and the rest's slots are freed. A rewrite by the forward drops
+    nothing (our workers save before the forward)."""
     pool = BlockPool(num_gpu_blocks=101, enable_caching=True, hash_block_size=BS)
-    ledger, channel = _ledger(registry, pool, staged=8)
+    ledger, channel = _ledger(registry, pool, staged=12)
     keys, blocks = _export(ledger, pool, "r1", 6, seed=9)
-    _export(ledger, pool, "r2", 2, seed=11)  # another export, of other blocks, is kept
-    ledger.on_blocks_rewritten([blocks[3].block_id])  # given to a request a sibling loads
-    (job,) = ledger.take_jobs()
-    assert job.src and blocks[3].block_id not in job.src
-    assert len(ledger._free_slots) == 8 - 2 and len(ledger._listed) == 2
-    ledger.on_saves_done([job.job_id])
+    keys2, _ = _export(ledger, pool, "r2", 2, seed=11)  # another export, of other blocks
+    ledger.on_blocks_rewritten([blocks[5].block_id])  # (the step's forward: saved first)
+    ledger.drop_pending_saves([blocks[3].block_id])  # a sibling loads into it
+    first, second = ledger.take_jobs()
+    assert first.src == [b.block_id for b in blocks[:3]] and len(second.src) == 2
+    assert len(ledger._free_slots) == 12 - 5 and len(ledger._listed) == 5
+    ledger.on_saves_done([first.job_id, second.job_id])
     with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
-        _settle(ledger, lambda: q.status().published_blocks == 2)
-        assert q.lookup(NS, keys)[1] == 0
+        _settle(ledger, lambda: q.status().published_blocks == 5)
+        assert q.lookup(NS, keys)[1] == 3 and q.lookup(NS, keys2)[1] == 2
     channel.close()

@@ -1,0 +1,170 @@
+"""Staged exports through vLLM 0.26's real Scheduler (no model, no workers): a save the
+workers have not run yet survives blocks that the step's own forward writes (our workers
+save before the forward; the fourth review's reproducer: e10d751 dropped it), and stops
+before blocks a MultiConnector sibling loads into in that step (not ordered after it)."""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+import pytest
+import torch
+
+BS = 16
+R0_LEN = 6 * BS - 1
+
+
+def _staged_scheduler(tiny_model_dir, tmp_path, nblocks, sibling=False):
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from kvmkt_connector.compat import KVLayoutSpec
+    from kvmkt_connector.connector.facade import MarketplaceConnector
+    from kvmkt_connector.connector.metadata import MarketplaceHandshake
+    from kvmkt_connector.transport.descriptors import HostShmDescriptor
+    from tests.unit.vllm_objects import LAYER, engine_config, multi, ours
+
+    conn = ours(tmp_path)
+    if sibling:
+        conn = multi([conn, {"kv_connector": "AsyncSibling", "kv_role": "kv_both",
+                             "kv_connector_module_path": "tests.unit.review2_sibling"}],
+                     "recompute")
+    cfg = engine_config(tiny_model_dir, conn, max_num_batched_tokens=512,
+                        max_num_seqs=8, enable_prefix_caching=True)
+    cfg.cache_config.num_gpu_blocks = nblocks
+    spec = FullAttentionSpec(block_size=BS, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    kvc = KVCacheConfig(num_blocks=nblocks, kv_cache_tensors=[],
+                        kv_cache_groups=[KVCacheGroupSpec([LAYER], spec)])
+    sched = Scheduler(cfg, kvc, StructuredOutputManager(cfg), block_size=BS)
+    (mine,) = [c for c in getattr(sched.connector, "_connectors", [sched.connector])
+               if isinstance(c, MarketplaceConnector)]
+    ours_sched = mine._scheduler
+    page = 2 * 2 * 16 * 4 * BS
+    layout = KVLayoutSpec("CPU_ATTN", "NHD", "torch.float32", 1, page, 1, 1)
+    desc = HostShmDescriptor(os.path.join(tmp_path, "shm"), 32, [page * 32])
+    ours_sched.on_startup_handshakes({0: MarketplaceHandshake(
+        0, layout, msgspec.msgpack.encode(desc), 32, "host_shm")})
+    assert ours_sched._ledger is not None and ours_sched._ledger.staged
+    return cfg, sched, ours_sched
+
+
+@pytest.mark.parametrize("how", ["admitted", "decode_growth"])
+def test_staged_save_survives_blocks_the_forward_writes(tiny_model_dir, tmp_path, how):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    nblocks = 12  # 11 usable
+    cfg, sched, ours_sched = _staged_scheduler(tiny_model_dir, tmp_path, nblocks)
+    hash_fn = get_hash_fn_by_name(cfg.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(BS, hash_fn)
+    saves = []
+
+    def step():
+        so = sched.schedule()
+        saves.extend(so.kv_connector_metadata.saves)
+        ids = list(so.num_scheduled_tokens)
+        sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
+        sched.update_from_output(so, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=sampled))
+        return so
+
+    def req(rid, first, n, max_tokens=1):
+        return Request(rid, list(range(first, first + n)),
+                       SamplingParams(max_tokens=max_tokens, ignore_eos=True), None,
+                       block_hasher=hasher)
+
+    try:
+        if how == "decode_growth":
+            # r0 decodes (6 blocks of 11); r1 takes the other 5; r0 needs a 7th block in
+            # the step right after r1 finished: vLLM takes it from r1's freed blocks.
+            sched.add_request(req("r0", 9000, R0_LEN, max_tokens=50))
+            step()  # r0's prefill
+        # r1: full blocks to export (5 when r0 decodes: vLLM hands out the last one it
+        # freed first, and r0 needs one block in the step after r1 has finished)
+        sched.add_request(req("r1", 1000, 5 * BS if how == "decode_growth" else 4 * BS + 1))
+        while "r1" in sched.requests:
+            step()
+        # r1 finished in the output just processed: its save job waits for the next step.
+        assert ours_sched._ledger._pending_jobs, "r1 queued no save"
+        r1_job = ours_sched._ledger._pending_jobs[0]
+        if how == "admitted":
+            # a new prompt that needs all 11 blocks: vLLM hands out r1's freed ones
+            sched.add_request(req("r2", 5000, 10 * BS + 3))
+        step()
+        step()
+        assert any(j.job_id == r1_job.job_id for j in saves), (
+            f"r1's save job {r1_job.job_id} (blocks {r1_job.src}) never went to the workers: "
+            f"dropped because this step's forward writes some of its blocks, although the "
+            f"worker saves before the forward and no sibling connector exists")
+    finally:
+        sched.shutdown()
+
+
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tmp_path,
+                                                              asynchronous):
+    from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    from tests.unit import review2_sibling
+
+    nblocks = 12  # 11 usable
+    cfg, sched, ours_sched = _staged_scheduler(tiny_model_dir, tmp_path, nblocks, sibling=True)
+    hash_fn = get_hash_fn_by_name(cfg.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(BS, hash_fn)
+    review2_sibling.SYNC.clear()
+    review2_sibling.ALLOCATED.clear()
+    saves, recving = [], set()
+
+    def step():
+        so = sched.schedule()
+        saves.extend(so.kv_connector_metadata.metadata[0].saves)
+        ids = list(so.num_scheduled_tokens)
+        sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
+        kvo = KVConnectorOutput(finished_recving=set(recving)) if recving else None
+        recving.clear()
+        sched.update_from_output(so, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=sampled, kv_connector_output=kvo))
+        return so
+
+    try:
+        sched.add_request(Request("r1", list(range(1000, 1000 + 4 * BS + 1)),
+                                  SamplingParams(max_tokens=1, ignore_eos=True), None,
+                                  block_hasher=hasher))
+        while "r1" in sched.requests:
+            step()
+        (r1_job,) = ours_sched._ledger._pending_jobs
+        # r2 needs all 11 blocks, r1's freed ones among them; a sibling loads all but its
+        # last block, in the step whose metadata carries r1's save
+        review2_sibling.CLAIMS["r2"] = 10 * BS
+        if not asynchronous:
+            review2_sibling.SYNC.add("r2")
+        sched.add_request(Request("r2", list(range(5000, 5000 + 10 * BS + 3)),
+                                  SamplingParams(max_tokens=1, ignore_eos=True), None,
+                                  block_hasher=hasher))
+        step()
+        ((_, blocks, n_ext),) = review2_sibling.ALLOCATED
+        loaded = set(blocks[: n_ext // BS])
+        assert loaded & set(r1_job.src), "the test needs r1's blocks given to the sibling"
+        copied = [b for job in saves for b in job.src]
+        assert not loaded & set(copied), (
+            f"blocks {sorted(loaded & set(copied))} were saved in the step a sibling loads "
+            f"into them")
+        cut = next(i for i, b in enumerate(r1_job.src) if b in loaded)
+        assert copied == r1_job.src[:cut]  # the save's part before them still goes out
+        led = ours_sched._ledger
+        assert len(led._free_slots) + len(led._listed) == 32
+    finally:
+        sched.shutdown()
