@@ -22,7 +22,7 @@ from kvmkt_connector.connector.facade import MarketplaceConnector
 from kvmkt_connector.hashing import BlockKeyer, KeyScope
 from kvmkt_connector.transport.generations import decode_locations
 from tests.unit import review2_sibling
-from tests.unit.vllm_objects import LAYER, engine_config, multi, ours
+from tests.unit.vllm_objects import LAYER, engine_config, multi, ours, run_step
 
 BS = 16
 
@@ -61,7 +61,6 @@ def test_sibling_loaded_session_blocks_are_tainted(tiny_model_dir, tmp_path):
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
     from vllm.v1.request import Request, RequestStatus
 
     nblocks = 12
@@ -75,17 +74,7 @@ def test_sibling_loaded_session_blocks_are_tainted(tiny_model_dir, tmp_path):
     recving: set[str] = set()
 
     def step(token=7):
-        so = sched.schedule()
-        ids = list(so.num_scheduled_tokens)
-        sampled = []
-        for rid in ids:
-            req = sched.requests[rid]
-            sampled.append([] if req.is_prefill_chunk else [token])
-        kvo = KVConnectorOutput(finished_recving=set(recving)) if recving else None
-        recving.clear()
-        sched.update_from_output(so, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=sampled, kv_connector_output=kvo))
+        so = run_step(sched, recving, token)
         ledger.on_step_acked(ledger.step)  # (what our workers report)
         return so
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.unit import review2_sibling
 from tests.unit.test_review2_multi_session_taint import BS, _scheduler
+from tests.unit.vllm_objects import run_step
 
 
 @pytest.mark.parametrize("asynchronous", [True, False])
@@ -21,7 +22,6 @@ def test_blocks_a_sibling_loads_into_are_withdrawn_first(tiny_model_dir, tmp_pat
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
     from vllm.v1.request import Request
 
     nblocks = 12
@@ -36,14 +36,7 @@ def test_blocks_a_sibling_loads_into_are_withdrawn_first(tiny_model_dir, tmp_pat
     review2_sibling.ALLOCATED.clear()
 
     def step():
-        so = sched.schedule()
-        ids = list(so.num_scheduled_tokens)
-        sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
-        kvo = KVConnectorOutput(finished_recving=set(recving)) if recving else None
-        recving.clear()
-        sched.update_from_output(so, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=sampled, kv_connector_output=kvo))
+        so = run_step(sched, recving)
         ledger.on_step_acked(ledger.step)  # (what our workers report)
         return so
 

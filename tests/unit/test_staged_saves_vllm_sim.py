@@ -113,10 +113,10 @@ def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tm
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
     from vllm.v1.request import Request
 
     from tests.unit import review2_sibling
+    from tests.unit.vllm_objects import run_step
 
     nblocks = 12  # 11 usable
     cfg, sched, ours_sched = _staged_scheduler(tiny_model_dir, tmp_path, nblocks, sibling=True)
@@ -128,15 +128,8 @@ def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tm
     saves, recving = [], set()
 
     def step():
-        so = sched.schedule()
+        so = run_step(sched, recving)
         saves.extend(so.kv_connector_metadata.metadata[0].saves)
-        ids = list(so.num_scheduled_tokens)
-        sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
-        kvo = KVConnectorOutput(finished_recving=set(recving)) if recving else None
-        recving.clear()
-        sched.update_from_output(so, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=sampled, kv_connector_output=kvo))
         return so
 
     try:

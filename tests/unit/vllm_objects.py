@@ -63,3 +63,21 @@ def build_connector(vllm_config: Any, role: str):
 def children_of(connector: Any) -> list:
     """A MultiConnector's children, or the connector itself."""
     return list(getattr(connector, "_connectors", [connector]))
+
+
+def run_step(sched: Any, recving: set[str] | None = None, token: int = 7) -> Any:
+    """One step of vLLM's real Scheduler without a model: every scheduled request that is
+    past its prompt samples ``token``; ``recving`` (emptied) are reported loaded (as a
+    connector's workers would). Returns the SchedulerOutput."""
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    so = sched.schedule()
+    ids = list(so.num_scheduled_tokens)
+    sampled = [[] if sched.requests[r].is_prefill_chunk else [token] for r in ids]
+    kvo = KVConnectorOutput(finished_recving=set(recving)) if recving else None
+    if recving:
+        recving.clear()
+    sched.update_from_output(so, ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=sampled, kv_connector_output=kvo))
+    return so
