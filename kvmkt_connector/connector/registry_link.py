@@ -148,6 +148,11 @@ class RegistryLink:
         self._stats.count("fallback_registry_unavailable")
         return None
 
+    def ready(self, pending: PendingReply[T]) -> bool:
+        """Whether ``result(pending)`` would return without waiting."""
+        client = self._client
+        return client is None or client.ready(pending)
+
     def release_later(self, lease_ids: list[int]) -> None:
         """Release without waiting for the answer (a lease only steers: nothing depends on
         when the registry ends it, and a lost connection ends it anyway)."""

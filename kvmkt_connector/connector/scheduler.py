@@ -39,6 +39,7 @@ from kvmkt_connector.connector.stats_gate import StatsGate
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace, trace_gc
 from kvmkt_connector.metrics import MarketplaceStats
+from kvmkt_connector.registry.client import PendingReply
 from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import (
     GenerationsDescriptor,
@@ -113,6 +114,7 @@ class MarketplaceScheduler:
         self._save_reports: dict[int, int] = {}  # job -> ranks
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
+        self._holders_asked: tuple[int, PendingReply] | None = None  # (link epoch, reply)
         self._step_runs = True  # the last scheduled step computes tokens
         self._stats_gate = StatsGate()  # which step outputs may carry our stats
         ev = vllm_config.kv_events_config
@@ -191,7 +193,7 @@ class MarketplaceScheduler:
             self._start_exporting(ranks)
         if self._kv_events_on and self._import:
             self._start_events()
-        self._check_neighbours()
+        self._check_neighbours(wait=True)
 
     def _start_exporting(self, ranks: list[MarketplaceHandshake]) -> None:
         rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
@@ -240,10 +242,30 @@ class MarketplaceScheduler:
     def take_events(self) -> list:
         return self._events.take_events() if self._events is not None else []
 
-    def _check_neighbours(self) -> None:
-        """Say once per holder why we do not share with it (the user's first question)."""
-        self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
-        holders = self._link.call(lambda c: c.list_holders())
+    def _check_neighbours(self, wait: bool = False) -> None:
+        """Say once per holder why we do not share with it (the user's first question).
+        In vLLM's steps (not ``wait``) the question is posted, and its answer read in a
+        later step once it is in: waited for, a registry busy with a large publish held
+        the scheduler thread for up to 18 ms (session 11, GPU)."""
+        if wait:
+            self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
+            self._warn_about(self._link.call(lambda c: c.list_holders()))
+            return
+        if self._holders_asked is None:
+            self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
+            posted = self._link.call(lambda c: c.post_list_holders())
+            if posted is not None:
+                self._holders_asked = (self._link.epoch, posted)
+            return
+        epoch, pending = self._holders_asked
+        if epoch != self._link.epoch:  # (that connection is gone: ask again when due)
+            self._holders_asked = None
+        elif self._link.ready(pending):
+            self._holders_asked = None
+            reply = self._link.result(pending)
+            self._warn_about(reply.holders if reply is not None else None)
+
+    def _warn_about(self, holders: list | None) -> None:
         for h in holders or ():
             if h.namespace == self._namespace or h.holder_id in self._warned_holders:
                 continue
@@ -320,7 +342,8 @@ class MarketplaceScheduler:
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
         self._leases.sweep()
-        if self._fp is not None and time.monotonic() >= self._next_neighbour_check:
+        if self._fp is not None and (self._holders_asked is not None
+                                     or time.monotonic() >= self._next_neighbour_check):
             self._check_neighbours()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0

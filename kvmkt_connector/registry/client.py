@@ -271,6 +271,26 @@ class RegistryClient:
     def list_holders(self) -> list[HolderInfo]:
         return self._call(ListHolders(), HolderList).holders
 
+    def post_list_holders(self) -> PendingReply:
+        """``list_holders`` without waiting: ``result()`` is a HolderList."""
+        return self.post(ListHolders(), HolderList)
+
+    def ready(self, pending: PendingReply) -> bool:
+        """Whether ``pending``'s reply is in (then ``result()`` returns at once): reads the
+        replies that have begun to arrive, never waits for one that has not."""
+        while not pending.done:
+            sock = self._sock
+            if sock is None:
+                return True  # (result() reports the closed connection)
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                return True
+            if not readable:
+                return False
+            self._read_until(self._unread[0])  # (a reply comes in one send: no real wait)
+        return True
+
     def offers(
         self, namespace: bytes, feed_id: int = 0, cursor: int = 0, max_changes: int = 4096,
         after: int = 0,
