@@ -148,10 +148,15 @@ class RegistryLink:
         self._stats.count("fallback_registry_unavailable")
         return None
 
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
     def ready(self, pending: PendingReply[T]) -> bool:
-        """Whether ``result(pending)`` would return without waiting."""
+        """Whether ``result(pending)`` would return without waiting (asked on the current
+        connection: see ``connected`` and ``epoch``)."""
         client = self._client
-        return client is None or client.ready(pending)
+        return client is not None and client.ready(pending)
 
     def release_later(self, lease_ids: list[int]) -> None:
         """Release without waiting for the answer (a lease only steers: nothing depends on

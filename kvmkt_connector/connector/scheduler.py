@@ -258,8 +258,8 @@ class MarketplaceScheduler:
                 self._holders_asked = (self._link.epoch, posted)
             return
         epoch, pending = self._holders_asked
-        if epoch != self._link.epoch:  # (that connection is gone: ask again when due)
-            self._holders_asked = None
+        if epoch != self._link.epoch or not self._link.connected:
+            self._holders_asked = None  # (that connection is gone: ask again when due)
         elif self._link.ready(pending):
             self._holders_asked = None
             reply = self._link.result(pending)

@@ -40,3 +40,21 @@ def test_ready_on_a_closed_connection_is_true_and_result_says_why(registry):
     assert c.ready(pending)
     with pytest.raises(RegistryUnavailable):
         pending.result()
+
+
+def test_a_question_of_a_lost_connection_is_not_ready(registry):
+    """The scheduler then drops it (and asks again when due) instead of reading it, which
+    would count a registry fallback although no request fell back."""
+    from kvmkt_connector.config import MarketplaceConfig
+    from kvmkt_connector.connector.registry_link import RegistryLink
+    from kvmkt_connector.metrics import MarketplaceStats
+
+    stats = MarketplaceStats()
+    link = RegistryLink(MarketplaceConfig(registry_socket=registry.socket_path,
+                                          registry_autostart=False), "t", stats)
+    pending = link.call(lambda c: c.post_list_holders())
+    assert pending is not None and link.connected
+    link._down("test: the registry went away")
+    assert not link.connected and not link.ready(pending)
+    assert "fallback_registry_unavailable" not in stats.data["c"]
+    link.close()
