@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import compress, repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -106,6 +106,15 @@ def rewritten_blocks(out: SchedulerOutput, block_size: int, only: set[str] | Non
     return ids
 
 
+class FinishedRequest(NamedTuple):
+    """What the ledger reads of a finished request (``on_request_finished_later``)."""
+
+    num_computed_tokens: int
+    num_in_flight_tokens: int
+    num_tokens: int
+    all_token_ids: Sequence[int]
+
+
 class ExportLedger:
     def __init__(
         self,
@@ -160,8 +169,36 @@ class ExportLedger:
             tuple[int, list[bytes], list[int], list[int], list[bytes], TokenRun | None, int]
         ] = deque()  # fmt: skip
         self._forgets = 0  # calls of _forget that took something off the books
+        # finished requests whose export waits for the ledger's next touch (see
+        # ``on_request_finished_later``)
+        self._finished: deque[tuple[FinishedRequest, list[int], PrefixKeys, bool,
+                                    ConfirmedImport | None]] = deque()  # fmt: skip
 
     # ------------------------------------------------------------ export
+
+    def on_request_finished_later(
+        self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False,
+        known: ConfirmedImport | None = None,
+    ) -> None:  # fmt: skip
+        """``on_request_finished`` at the ledger's next touch: vLLM sends a step's outputs
+        only after every ``request_finished`` has returned, and a 16k-token export's books
+        (about 1 ms) would sit in that request's latency. Deferring changes nothing: vLLM
+        reallocates the blocks only in ``schedule()``, and every call that tells the ledger
+        of an allocation (and ``tick``) first settles what was deferred, in order; the
+        request's counts are read now."""
+        if not self._exporting:
+            return
+        if getattr(request, "resumable", False):  # a session's Request lives on and changes
+            self._settle_finished()
+            self.on_request_finished(request, block_ids, keys, describe, known)
+            return
+        done = FinishedRequest(request.num_computed_tokens, request.num_in_flight_tokens,
+                               request.num_tokens, request.all_token_ids)
+        self._finished.append((done, list(block_ids), keys, describe, known))
+
+    def _settle_finished(self) -> None:
+        while self._finished:
+            self.on_request_finished(*self._finished.popleft())
 
     def on_request_finished(
         self, request: Request, block_ids: list[int], keys: PrefixKeys, describe: bool = False,
@@ -297,7 +334,7 @@ class ExportLedger:
         return False
 
     def has_pending(self) -> bool:
-        return bool(self._pending_jobs or self._staging or self._waiting)
+        return bool(self._finished or self._pending_jobs or self._staging or self._waiting)
 
     def wants_ack(self) -> bool:
         return bool(self._waiting)
@@ -356,6 +393,7 @@ class ExportLedger:
         """vLLM will write these blocks (a step or an import we just planned): bump their
         generations before that write can start, and stop offering them. (Staged: our
         workers copy a step's saves before its forward and its loads.)"""
+        self._settle_finished()
         if self._gens is None or not block_ids:
             return
         self._gens.bump(block_ids)
@@ -366,6 +404,7 @@ class ExportLedger:
         carries our saves (a MultiConnector sibling), not ordered after our copies. A save
         not sent yet keeps only its blocks before the first of them; the rest's slots are
         freed."""
+        self._settle_finished()
         if not self._pending_jobs or not block_ids:
             return
         loaded = set(block_ids)
@@ -420,6 +459,7 @@ class ExportLedger:
 
     def tick(self, scheduler_output: SchedulerOutput | None = None) -> None:
         """Once per scheduler step, before the step's forward is sent to the workers."""
+        self._settle_finished()
         if scheduler_output is not None:
             self.step += 1
             rewritten = rewritten_blocks(scheduler_output, self._bs)
@@ -446,6 +486,7 @@ class ExportLedger:
     def on_session_allocated(self, request_id: str, block_ids: list[int]) -> None:
         """vLLM admitted a streaming-input session (again: each chunk is admitted anew)
         with these blocks to write or load into: see ``_sessions``."""
+        self._settle_finished()
         if not self._warned_sessions:
             self._warned_sessions = True
             logger.info("kvmkt: streaming-input session %s: blocks of sessions (and prefix "
@@ -459,6 +500,7 @@ class ExportLedger:
     def on_blocks_given_anew(self, block_ids: list[int]) -> None:
         """vLLM allocated these blocks to a request that is not a session (our import's
         destination; the step's own allocations are handled in ``tick``): no stale hash."""
+        self._settle_finished()
         if self._tainted:
             self._tainted.difference_update(block_ids)
 
@@ -470,6 +512,7 @@ class ExportLedger:
 
     def withdraw_all(self, unpublish: bool = True, bump: bool = True) -> None:
         """Nothing published so far may be read any more (a cache reset)."""
+        self._settle_finished()
         if self._gens is not None and bump:
             self._gens.bump_all()  # copies in flight fail their check
         self._cancelled.update(self._staging)
@@ -486,6 +529,7 @@ class ExportLedger:
 
     def shutdown(self) -> None:
         """Engine exit: our connection closing withdraws everything from the registry."""
+        self._finished.clear()
         if self._gens is not None:
             self._gens.bump_all()
         self._channel.close()

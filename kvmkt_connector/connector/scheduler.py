@@ -435,8 +435,8 @@ class MarketplaceScheduler:
                 if keys is None:
                     keys = self._keyer.start(scope)
                 # Token ids alone (what routers key by) determine only unscoped KV.
-                self._ledger.on_request_finished(request, block_ids, keys, scope == KeyScope(),
-                                                 known)
+                self._ledger.on_request_finished_later(request, block_ids, keys,
+                                                       scope == KeyScope(), known)
         if self._keyer is None:
             return None
         return {"kvmkt": {"imported_tokens": imported}}

@@ -92,6 +92,14 @@ def _settle(ledger, until, timeout=5.0):
         time.sleep(0.02)
 
 
+def _steps(ledger, n):
+    """``n`` empty steps, each acknowledged by the "workers"."""
+    for _ in range(n):
+        ledger.tick(_IDLE)
+        ledger.on_step_acked(ledger.step)
+        time.sleep(0.02)
+
+
 def _export(ledger, pool, rid, n_blocks, seed, status=RequestStatus.FINISHED_LENGTH_CAPPED):
     tokens = [(seed * 1000 + i) % 50000 for i in range(n_blocks * BS + 5)]
     blocks = pool.get_new_blocks(n_blocks + 1)
@@ -305,3 +313,42 @@ def test_staged_save_not_sent_yet_stops_before_blocks_a_sibling_loads_into(regis
         _settle(ledger, lambda: q.status().published_blocks == 5)
         assert q.lookup(NS, keys)[1] == 3 and q.lookup(NS, keys2)[1] == 2
     channel.close()
+
+
+def test_a_finished_request_is_exported_at_the_ledgers_next_touch(registry, tmp_path):
+    """``on_request_finished_later`` (what the scheduler calls: no export work before vLLM
+    sends the request's output) books the export at the ledger's next call, in order: a
+    block vLLM gives out again in the next ``schedule()`` is never published, the request's
+    counts are those of its finish, and a cache reset in between drops the export."""
+    pool = BlockPool(num_gpu_blocks=201, enable_caching=True, hash_block_size=BS)
+    ledger, _ = _ledger(registry, pool, tmp=str(tmp_path))
+    tokens = [(5000 + i) % 50000 for i in range(40 * BS + 5)]
+    keys = BlockKeyer(NS, BS).keys(tokens)[:40]
+    held = pool.get_new_blocks(41)
+    blocks = [b.block_id for b in held]
+    req = _request("r1", tokens)
+    ledger.on_request_finished_later(req, blocks, BlockKeyer(NS, BS).start(KeyScope()))
+    pool.free_blocks(held)  # the request finishes: its blocks go back to vLLM
+    assert not ledger._listed and ledger.has_pending()  # nothing done yet
+    req.num_computed_tokens = 0  # (what happens to the Request later is not read)
+    with RegistryClient.connect(registry, client_name="q", autostart=False) as q:
+        # The next schedule() allocates blocks 10.. to a new request (update_state_after_alloc)
+        ledger.on_blocks_rewritten(blocks[10:])
+        assert sorted(ledger._listed) == sorted(blocks[:10])
+        _settle(ledger, lambda: q.lookup(NS, keys)[1] == 10)
+        for _ in range(5):  # ... and stays at 10
+            _steps(ledger, 3)
+            assert q.lookup(NS, keys)[1] == 10
+        # A reset between the finish and the ledger's next touch: nothing is offered.
+        tokens2 = [(9000 + i) % 50000 for i in range(20 * BS + 5)]
+        keys2 = BlockKeyer(NS, BS).keys(tokens2)[:20]
+        held = pool.get_new_blocks(21)
+        ledger.on_request_finished_later(_request("r2", tokens2), [b.block_id for b in held],
+                                         BlockKeyer(NS, BS).start(KeyScope()))
+        pool.free_blocks(held)
+        assert pool.reset_prefix_cache()
+        for _ in range(10):
+            _steps(ledger, 3)
+            assert q.lookup(NS, keys2)[1] == 0 and q.lookup(NS, keys)[1] == 0
+    assert not ledger._listed and not ledger.has_pending()
+    ledger.shutdown()

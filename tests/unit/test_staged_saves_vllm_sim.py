@@ -91,18 +91,19 @@ def test_staged_save_survives_blocks_the_forward_writes(tiny_model_dir, tmp_path
         sched.add_request(req("r1", 1000, 5 * BS if how == "decode_growth" else 4 * BS + 1))
         while "r1" in sched.requests:
             step()
-        # r1 finished in the output just processed: its save job waits for the next step.
-        assert ours_sched._ledger._pending_jobs, "r1 queued no save"
-        r1_job = ours_sched._ledger._pending_jobs[0]
+        # r1 finished in the output just processed: its export (the first: save job 0) is
+        # booked at the ledger's next touch, in the next step, and its save goes with it.
+        assert ours_sched._ledger.has_pending() and not saves, "r1 exported nothing"
         if how == "admitted":
             # a new prompt that needs all 11 blocks: vLLM hands out r1's freed ones
             sched.add_request(req("r2", 5000, 10 * BS + 3))
         step()
         step()
-        assert any(j.job_id == r1_job.job_id for j in saves), (
-            f"r1's save job {r1_job.job_id} (blocks {r1_job.src}) never went to the workers: "
-            f"dropped because this step's forward writes some of its blocks, although the "
-            f"worker saves before the forward and no sibling connector exists")
+        r1_jobs = [j for j in saves if j.job_id == 0]
+        assert r1_jobs and len(r1_jobs[0].src) == (4 if how == "admitted" else 5), (
+            f"r1's save job (blocks {r1_jobs[0].src if r1_jobs else None}) never went whole to "
+            f"the workers: cut because this step's forward writes some of its blocks, although "
+            f"the worker saves before the forward and no sibling connector exists")
     finally:
         sched.shutdown()
 
@@ -138,7 +139,9 @@ def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tm
                                   block_hasher=hasher))
         while "r1" in sched.requests:
             step()
-        (r1_job,) = ours_sched._ledger._pending_jobs
+        # r1's export is booked at the ledger's next touch (the next step): its 4 full blocks
+        ((_, r1_blocks, *_),) = ours_sched._ledger._finished
+        r1_src = r1_blocks[:4]
         # r2 needs all 11 blocks, r1's freed ones among them; a sibling loads all but its
         # last block, in the step whose metadata carries r1's save
         review2_sibling.CLAIMS["r2"] = 10 * BS
@@ -150,13 +153,13 @@ def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tm
         step()
         ((_, blocks, n_ext),) = review2_sibling.ALLOCATED
         loaded = set(blocks[: n_ext // BS])
-        assert loaded & set(r1_job.src), "the test needs r1's blocks given to the sibling"
+        assert loaded & set(r1_src), "the test needs r1's blocks given to the sibling"
         copied = [b for job in saves for b in job.src]
         assert not loaded & set(copied), (
             f"blocks {sorted(loaded & set(copied))} were saved in the step a sibling loads "
             f"into them")
-        cut = next(i for i, b in enumerate(r1_job.src) if b in loaded)
-        assert copied == r1_job.src[:cut]  # the save's part before them still goes out
+        cut = next(i for i, b in enumerate(r1_src) if b in loaded)
+        assert copied == r1_src[:cut]  # the save's part before them still goes out
         led = ours_sched._ledger
         assert len(led._free_slots) + len(led._listed) == 32
     finally:
