@@ -23,8 +23,10 @@ import contextlib
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from kvmkt_connector.config import MarketplaceConfig
@@ -227,8 +229,8 @@ class HolderChannel:
         elif op[0] == "reclaim":
             self._emit("released", client.reclaim(op[1]))
         elif op[0] == "unpublish":
-            for loc in op[1]:
-                self._offered.pop(loc, None)
+            # (this thread holds the GIL from vLLM's while it runs Python: no loop per page)
+            deque(map(self._offered.pop, op[1], repeat(None)), maxlen=0)
             pending = 0
             for part in location_chunks(op[1], self._chunk_bytes):
                 # Leased ones come back via sync. What is released now is not news to the
@@ -237,8 +239,8 @@ class HolderChannel:
                 # so it gets no event: an import's allocation withdraws a thousand of them.
                 _, n = client.unpublish(part)
                 pending += n
-            if len(op[1]) > 64:  # resets and large withdrawals: worth a line
-                logger.info("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)
+            # (an import's allocation withdraws a thousand pages: a line each only at debug)
+            logger.debug("kvmkt: withdrew %d pages (%d still leased)", len(op[1]), pending)
 
     def _publish(self, client: RegistryClient, keys: list[bytes], locations: list[int],
                  tokens: list, parents: list[bytes], count: bool = False) -> None:
