@@ -12,6 +12,9 @@ synchronous one. ``benchmarks/ttft_bench.py --floor`` runs it as engine F.
 
     {"kv_connector": "AsyncFloorConnector", "kv_role": "kv_both",
      "kv_connector_module_path": "benchmarks.async_floor_connector"}
+
+With KVMKT_TRACE=hooks its hooks are timed as MarketplaceConnector's are (``kvmkt-hooks``
+spans, same names), so ``trace_breakdown.py`` can set F's steps beside B's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+from kvmkt_connector.logs import HookTimes, get_logger, trace_gc
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -38,6 +45,18 @@ class AsyncFloorConnector(KVConnectorBase_V1):
         self._claimed: set[str] = set()  # scheduler: asked once per request
         self._allocated: list[str] = []  # scheduler: async claims allocated this step
         self._to_report: set[str] = set()  # worker
+        self._times = HookTimes(logger, "floor")
+        trace_gc(logger)  # (as our scheduler does: the breakdown counts collections alike)
+        if self._times.enabled:  # the same hook names as MarketplaceConnector's spans
+            for hook, name in (("get_num_new_matched_tokens", "match"),
+                               ("update_state_after_alloc", "after_alloc"),
+                               ("build_connector_meta", "build_meta"),
+                               ("request_finished", "request_finished"),
+                               ("start_load_kv", "start_load_kv"),
+                               ("get_finished", "get_finished")):
+                fn = getattr(self, hook)
+                setattr(self, hook, lambda *a, _fn=fn, _n=name, **kw: self._times.run(
+                    _n, lambda: _fn(*a, **kw)))
 
     # ------------------------------------------------------------ scheduler
 

@@ -79,7 +79,8 @@ print(torch.__version__, torch.cuda.device_count(), cb.__version__)"'
     ttft)
       run ttft python3 benchmarks/ttft_bench.py --out "$OUT" ${TTFT_ARGS:-}
       if [ -n "${KVMKT_TRACE:-}${KVMKT_PROFILE:-}" ] && [ "${KVMKT_TRACE:-}" != 0 ]; then
-        run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log"
+        floor_log="$OUT/logs/ttft-engine-F.log"; [ -f "$floor_log" ] || floor_log=""
+        run breakdown python3 benchmarks/trace_breakdown.py "$OUT/ttft.log" "$OUT/logs/ttft-engine-B.log" $floor_log
       fi
       if [ -n "${KVMKT_PROFILE:-}" ]; then  # cProfile inside B's hooks (logs.HookTimes)
         run profile python3 -c "import glob, pstats

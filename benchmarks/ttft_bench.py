@@ -161,9 +161,14 @@ def main(argv=None) -> int:
                     (warm,) = b.generate([prefix + toks(suffix)], max_tokens=1)
                     if f is not None:  # (a new prefix each: F caches what it claimed)
                         for mode in ("async", "sync"):
-                            (fl,) = f.generate([toks(length + suffix)], max_tokens=1, options=[
+                            prompt = toks(length + suffix)
+                            t_sub = time.monotonic_ns()
+                            (fl,) = f.generate([prompt], max_tokens=1, options=[
                                 {"kv_transfer_params": {"kvmkt_floor": mode,
                                                         "floor_tokens": length}}])
+                            if mode == "async":  # (trace_breakdown's phases for F)
+                                print(f"floor-call {t_sub} {time.monotonic_ns()} {length}",
+                                      flush=True)
                             res[f"floor {mode}"].append(fl.seconds)
                             floor_claimed.append(fl.cached_tokens)
                     # The local hit under the import's conditions: B idle while A and R

@@ -34,15 +34,26 @@ def trace_wait(logger: logging.Logger, what: str, t0: int, c0: int, min_ns: int 
 
 
 def trace_gc(logger: logging.Logger) -> None:
-    """With KVMKT_TRACE=1, also stamp this process's garbage collections (a full one can
-    stall a step for milliseconds: the breakdown must tell them from our work)."""
-    if os.environ.get("KVMKT_TRACE") != "1" or any(
+    """With KVMKT_TRACE=1, stamp this process's older-generation garbage collections; with
+    KVMKT_TRACE=hooks, log those of 0.2 ms or more as ``kvmkt-wait`` spans (``gc-gen<N>``). A
+    full collection can stall a step for milliseconds: the breakdown must tell them from
+    our work."""
+    mode = os.environ.get("KVMKT_TRACE")
+    if mode not in ("1", "hooks") or any(
             getattr(cb, "kvmkt_trace", False) for cb in gc.callbacks):
         return
+    started = [0, 0]  # monotonic ns, thread CPU ns
 
     def stamp(phase: str, info: dict) -> None:
-        if info.get("generation", 0) >= 1:  # the young generation's are microseconds, and many
-            trace(logger, "-", f"gc-{phase}-gen{info['generation']}")
+        gen = info.get("generation", 0)
+        if gen < 1:  # the young generation's are microseconds, and many
+            return
+        if mode == "1":
+            trace(logger, "-", f"gc-{phase}-gen{gen}")
+        elif phase == "start":
+            started[:] = time.monotonic_ns(), time.thread_time_ns()
+        else:
+            trace_wait(logger, f"gc-gen{gen}", started[0], started[1], min_ns=200_000)
 
     stamp.kvmkt_trace = True  # type: ignore[attr-defined]
     gc.callbacks.append(stamp)

@@ -98,7 +98,8 @@ def test_breakdown_sums_hooks_inside_each_window(tmp_path, capsys) -> None:
         "INFO kvmkt-trace 2500 r1 launched",
         "INFO kvmkt-hooks 11000:50000:match",
     ]) + "\n")  # fmt: skip (the format before CPU times were logged)
-    work = bd.host_work(bd.windows(str(bench)), bd.hook_spans(str(engine)))
+    spans = bd.hook_spans(str(engine))
+    work = bd.host_work(bd.windows(str(bench)), lambda kind: spans)
     first, second = work[("import", 16384)]
     assert first == pytest.approx({"match": 0.3, "build_meta": 0.3, "total": 0.6})
     assert second == pytest.approx({"match": 0.5, "total": 0.5})
@@ -118,7 +119,7 @@ def test_breakdown_cpu_table(tmp_path, capsys) -> None:
     engine.write_text("INFO kvmkt-hooks 1000:300000:100000:match 2000:200000:150000:build_meta\n")
     spans = bd.hook_spans(str(engine))
     assert spans == [(1000, 300000, 100000, "match"), (2000, 200000, 150000, "build_meta")]
-    (cpu,) = bd.host_work(bd.windows(str(bench)), spans, cpu=True)[("import", 16384)]
+    (cpu,) = bd.host_work(bd.windows(str(bench)), lambda kind: spans, cpu=True)[("import", 16384)]
     assert cpu == pytest.approx({"match": 0.1, "build_meta": 0.15, "total": 0.25})
     assert bd.main([str(bench), str(engine)]) == 0
     out = capsys.readouterr().out.split("thread CPU time")
@@ -126,6 +127,30 @@ def test_breakdown_cpu_table(tmp_path, capsys) -> None:
     wall = next(ln for ln in out[0].splitlines() if ln.startswith("total"))
     cpu_total = next(ln for ln in out[1].splitlines() if ln.startswith("total"))
     assert wall.split()[1:] == ["0.500"] and cpu_total.split()[1:] == ["0.250"]
+
+
+def test_breakdown_phases_set_the_floor_beside_ours(tmp_path, capsys) -> None:
+    """Phases: call -> first hook -> last after_alloc (forward scheduled) -> token, B's
+    spans for import/hit calls and F's for floor calls; gc spans inside calls counted."""
+    bd = _breakdown()
+    ms = 1_000_000
+    bench = tmp_path / "ttft.log"
+    bench.write_text(f"import-call {0} {30 * ms} 16384\nfloor-call {100 * ms} {125 * ms} 16384\n")
+    b_log = tmp_path / "B.log"
+    b_log.write_text("\n".join([
+        f"INFO kvmkt-hooks {7 * ms}:500000:400000:match {8 * ms}:300000:300000:after_alloc "
+        f"{17 * ms}:50000:50000:after_alloc",
+        f"INFO kvmkt-hooks {107 * ms}:500000:400000:match {109 * ms}:100:100:after_alloc",
+        f"INFO kvmkt-wait {12 * ms}:{3 * ms}:{3 * ms}:gc-gen2",
+    ]) + "\n")  # (B's spans inside F's window must not count for F)
+    f_log = tmp_path / "F.log"
+    f_log.write_text(f"INFO kvmkt-hooks {106 * ms}:10000:10000:match "
+                     f"{107 * ms}:10000:10000:after_alloc {110 * ms}:10000:10000:after_alloc\n")
+    assert bd.main([str(bench), str(b_log), str(f_log)]) == 0
+    out = capsys.readouterr().out.split("== phases")[1].splitlines()
+    rows = {ln.split()[0] + " " + ln.split()[1]: ln.split()[2:] for ln in out[2:] if ln.strip()}
+    assert rows["import 16384"] == ["7.00", "10.00", "13.00", "30.00", "1", "3.0", "1"]
+    assert rows["floor 16384"] == ["6.00", "4.00", "15.00", "25.00", "0", "0.0", "1"]
 
 
 def test_profile_covers_only_the_hooks(monkeypatch, tmp_path) -> None:
@@ -149,3 +174,26 @@ def test_profile_covers_only_the_hooks(monkeypatch, tmp_path) -> None:
     assert path.name.startswith("scheduler-") and path.suffix == ".pstats"
     names = {fn for (_, _, fn) in pstats.Stats(str(path)).stats}
     assert "inside_a_hook" in names and "outside" not in names
+
+
+def test_gc_spans_in_hooks_mode(monkeypatch, caplog) -> None:
+    import gc
+    import logging
+
+    from kvmkt_connector.logs import trace_gc
+
+    monkeypatch.setenv("KVMKT_TRACE", "hooks")
+    before = list(gc.callbacks)
+    log = logging.getLogger("vllm.test_gc_spans")
+    try:
+        trace_gc(log)
+        trace_gc(log)  # (installed once)
+        assert len(gc.callbacks) == len(before) + 1
+        junk = [[i] for i in range(300_000)]  # a full collection of this takes > 0.2 ms
+        with caplog.at_level(logging.INFO, logger=log.name):
+            gc.collect(2)
+        del junk
+    finally:
+        gc.callbacks[:] = before
+    spans = [r.getMessage() for r in caplog.records if "kvmkt-wait" in r.getMessage()]
+    assert spans and spans[0].endswith(":gc-gen2"), spans
