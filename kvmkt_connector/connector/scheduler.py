@@ -363,8 +363,9 @@ class MarketplaceScheduler:
     def _sibling_loads(self, out: SchedulerOutput) -> None:
         """Staged: blocks another connector loads into in this step (under MultiConnector):
         those of a request it parked for an asynchronous load, and those below what a
-        request scheduled now counts as computed past its local hits (a synchronous load).
-        Our saves not sent yet must not copy them (``ExportLedger.drop_pending_saves``)."""
+        request scheduled now counts as computed past its local hits (a synchronous load;
+        one that ends inside a block writes that block too). Our saves must not copy them
+        (``ExportLedger.drop_pending_saves``)."""
         allocated, self._allocated = self._allocated, {}
         computed = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
         cached = out.scheduled_cached_reqs
@@ -373,7 +374,7 @@ class MarketplaceScheduler:
         loaded: list[int] = []
         for rid, (first, blocks) in allocated.items():
             n = computed.get(rid)
-            loaded += blocks if n is None else blocks[: max(0, n // self._block_size - first)]
+            loaded += blocks if n is None else blocks[: max(0, -(-n // self._block_size) - first)]
         if loaded and self._ledger is not None:
             self._ledger.drop_pending_saves(loaded)
 
