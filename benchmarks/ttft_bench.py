@@ -80,7 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (faster start)")
     ap.add_argument("--floor", action="store_true",
                     help="engine F: vLLM's floor for async/sync imports (async_floor_connector)")
+    ap.add_argument("--lengths", default="",
+                    help="only these prefix lengths, comma-separated (e.g. 16384,30000: more "
+                         "reps where the goals are, in the same time)")
     args = ap.parse_args(argv)
+    only = {int(x) for x in args.lengths.split(",") if x}
     import torch
 
     pair = torch.cuda.device_count() >= 2
@@ -145,7 +149,7 @@ def main(argv=None) -> int:
 
         rows = []
         for workload, lengths, suffix in (("chat", CHAT, 100), ("doc", DOC, 30)):
-            for length in lengths:
+            for length in [n for n in lengths if not only or n in only]:
                 res = {"recompute": [], "import": [], "local hit": [], "warm hit": []}
                 if f is not None:
                     res.update({"floor async": [], "floor sync": []})
