@@ -23,7 +23,8 @@ from kvmkt_connector.compat import (
     sharing_blockers,
 )
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.exporter import ExportLedger, ResetWatch
+from kvmkt_connector.connector.block_writes import ResetWatch
+from kvmkt_connector.connector.exporter import ExportLedger
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ImportPlanner
 from kvmkt_connector.connector.kv_events import KvEventFeed

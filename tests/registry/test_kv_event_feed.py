@@ -16,7 +16,7 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.exporter import ResetWatch
+from kvmkt_connector.connector.block_writes import ResetWatch
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.kv_events import KvEventFeed
 from kvmkt_connector.registry.protocol import MAX_OFFER_CHANGES, BlockTokens, publish_chunks

@@ -17,7 +17,8 @@ from vllm.v1.core.block_pool import BlockPool
 from vllm.v1.request import Request, RequestStatus
 
 from kvmkt_connector.config import MarketplaceConfig
-from kvmkt_connector.connector.exporter import ExportLedger, rewritten_blocks
+from kvmkt_connector.connector.block_writes import rewritten_blocks
+from kvmkt_connector.connector.exporter import ExportLedger
 from kvmkt_connector.connector.holder_channel import HolderChannel, HolderRegistration
 from kvmkt_connector.connector.importer import ConfirmedImport
 from kvmkt_connector.hashing import BlockKeyer, KeyScope

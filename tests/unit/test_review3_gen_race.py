@@ -17,7 +17,7 @@ import time
 import numpy as np
 from vllm.v1.core.block_pool import BlockPool
 
-from kvmkt_connector.connector.exporter import ResetWatch
+from kvmkt_connector.connector.block_writes import ResetWatch
 from kvmkt_connector.transport.generations import GenerationTable
 
 N = 400_000  # (large: numpy releases the GIL inside the whole-table ufuncs)
