@@ -109,7 +109,6 @@ class ExportLedger:
         # Token ids go with an export's publish, for instances' KV events (kv_events.py)
         self._staging: dict[int, tuple[list[bytes], list[int], list[bytes], TokenRun | None]] = {}
         self._cancelled: set[int] = set()  # staging jobs whose pages must not be published
-        self._sent_src: dict[int, list[int]] = {}  # staging jobs sent, not reported: blocks
         self._pending_jobs: list[SaveJob] = []
         # A reset bumps every generation (copies in flight fail their check) at once, even
         # when the channel's thread notices it first (an exporter whose scheduler is idle).
@@ -326,13 +325,10 @@ class ExportLedger:
 
     def take_jobs(self) -> list[SaveJob]:
         jobs, self._pending_jobs = self._pending_jobs, []
-        for job in jobs:  # (see drop_pending_saves)
-            self._sent_src[job.job_id] = job.src
         return jobs
 
     def on_saves_done(self, job_ids: list[int], failed: bool = False) -> None:
         for job_id in job_ids:
-            self._sent_src.pop(job_id, None)
             staged = self._staging.pop(job_id, None)
             if staged is None:
                 continue
@@ -362,15 +358,12 @@ class ExportLedger:
         """Staged: another connector loads into these blocks in the step whose metadata
         carries our saves (a MultiConnector sibling), not ordered after our copies. A save
         not sent yet keeps only its blocks before the first of them; the rest's slots are
-        freed. A save sent in an earlier step and not reported yet may still be queued on
-        the GPU behind that step's forward (async scheduling) while the sibling's load,
-        on its own stream, writes: its pages are not published."""
+        freed. (Saves sent in earlier steps are over: workers run steps in order, and a
+        save returns once its copy has ended.)"""
         self._settle_finished()
-        if not block_ids or not (self._pending_jobs or self._sent_src):
+        if not self._pending_jobs or not block_ids:
             return
         loaded = set(block_ids)
-        self._cancelled.update(job_id for job_id, src in self._sent_src.items()
-                               if not loaded.isdisjoint(src))
         keep = []
         for job in self._pending_jobs:
             if loaded.isdisjoint(job.src):

@@ -14,10 +14,10 @@ Two checks:
 - differential: the same run with the pre-change direct ``on_request_finished`` must tell
   the channel exactly the same (publish / unpublish, order, epochs, locations).
 
-Staged under MultiConnector the KV model found two older faults (a synchronous sibling
-load ending inside a block; a save still queued behind an async step when the next step
-gives its blocks to a sibling's load), fixed since; the differential is skipped in staged
-modes (see the test).
+Staged under MultiConnector the KV model found an older fault (a synchronous sibling load
+ending inside a block), fixed since; the differential is skipped in staged modes (see the
+test). Workers run steps in order and a save waits for its copy, so a sibling's load is
+modelled as written when the workers run its step, before our saves of that step.
 
 Run: PYTHONPATH=. python -m pytest -q tests/unit/test_deferred_export_fuzz.py
 (REVIEW5_SEEDS=60 for more.)
@@ -218,8 +218,11 @@ class _Run:
     def schedule(self):
         review2_sibling.ALLOCATED.clear()
         so = self.sched.schedule()
-        for rid, blocks, n_ext in review2_sibling.ALLOCATED:  # the sibling loads (now, at
-            req = self.sched.requests[rid]  # the earliest)
+        loads = []  # the sibling's loads: issued by the workers when they run this step
+        # (after every earlier step, our saves of those included: a save waits for its
+        # copy), before our saves of this step (the sibling may come first in the step)
+        for rid, blocks, n_ext in review2_sibling.ALLOCATED:
+            req = self.sched.requests[rid]
             first = req.num_computed_tokens - (n_ext if rid in review2_sibling.SYNC else 0)
             if rid in review2_sibling.SYNC:
                 first = next((r.num_computed_tokens for r in so.scheduled_new_reqs
@@ -229,7 +232,7 @@ class _Run:
             else:
                 first = req.num_computed_tokens - n_ext if req.num_computed_tokens >= n_ext else 0
                 self.loading[rid] = req
-            self.write(req, blocks, max(first, 0), n_ext)
+            loads.append((req, list(blocks), max(first, 0), n_ext))
         writes, sampled = [], {}
         for rid, n in so.num_scheduled_tokens.items():
             req = self.sched.requests[rid]
@@ -237,12 +240,14 @@ class _Run:
             writes.append((req, blocks, req.num_computed_tokens - n, n))
             if not req.is_prefill_chunk:
                 sampled[rid] = [self.rng.choice([100, 101, self.rng.randrange(3, 30000)])]
-        self.queue.append((so, self.ledger.step, writes, sampled))
+        self.queue.append((so, self.ledger.step, loads, writes, sampled))
 
     def execute_and_update(self):
         from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
-        so, step, writes, sampled = self.queue.pop(0)
+        so, step, loads, writes, sampled = self.queue.pop(0)
+        for req, blocks, start, n in loads:
+            self.write(req, blocks, start, n)
         meta = so.kv_connector_metadata
         metas = getattr(meta, "metadata", (meta,))
         jobs = [j for m in metas for j in getattr(m, "saves", ())]

@@ -196,4 +196,4 @@ def test_gc_spans_in_hooks_mode(monkeypatch, caplog) -> None:
     finally:
         gc.callbacks[:] = before
     spans = [r.getMessage() for r in caplog.records if "kvmkt-wait" in r.getMessage()]
-    assert spans and spans[0].endswith(":gc-gen2"), spans
+    assert any(m.endswith(":gc-gen2") for m in spans), spans  # (a gen1 one may come first)
