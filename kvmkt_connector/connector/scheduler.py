@@ -112,7 +112,7 @@ class MarketplaceScheduler:
         self._ledger: ExportLedger | None = None
         self._keys: dict[str, PrefixKeys] = {}
         self._load_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
-        self._save_reports: dict[int, int] = {}  # job -> ranks
+        self._save_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
         self._warned_holders: set[int] = set()
         self._next_neighbour_check = 0.0
         self._holders_asked: tuple[int, PendingReply] | None = None  # (link epoch, reply)
@@ -387,34 +387,31 @@ class MarketplaceScheduler:
             return
         if meta.handshakes:
             self._on_handshakes(meta.handshakes)
-        # A load is over once every rank reported it; failed if any rank failed it.
-        over: dict[bool, list[int]] = {False: [], True: []}
-        for failed, counts in ((False, meta.loads_done), (True, meta.loads_failed)):
-            for job_id, n in counts.items():
-                seen, bad = self._load_reports.pop(job_id, (0, False))
-                seen, bad = seen + n, bad or failed
-                if seen >= self._world:
-                    over[bad].append(job_id)
-                else:
-                    self._load_reports[job_id] = (seen, bad)
-        self._planner.on_jobs_done(over[False])
-        self._planner.on_jobs_done(over[True], failed=True)
+        # A job is over once every rank reported it; failed if any rank failed it.
+        loads = self._over(self._load_reports, meta.loads_done, meta.loads_failed)
+        self._planner.on_jobs_done(loads[False])
+        self._planner.on_jobs_done(loads[True], failed=True)
         if self._ledger is not None and meta.acked_step >= 0:
             self._ledger.on_step_acked(meta.acked_step)
         if self._ledger is not None:
-            self._ledger.on_saves_done(self._complete(meta.saves_done))
-            self._ledger.on_saves_done(self._complete(meta.saves_failed), failed=True)
+            saves = self._over(self._save_reports, meta.saves_done, meta.saves_failed)
+            self._ledger.on_saves_done(saves[False])
+            self._ledger.on_saves_done(saves[True], failed=True)
 
-    def _complete(self, counts: dict[int, int]) -> list[int]:
-        """Save job ids every worker has now reported."""
-        done = []
-        for job_id, n in counts.items():
-            total = self._save_reports.pop(job_id, 0) + n
-            if total >= self._world:
-                done.append(job_id)
-            else:
-                self._save_reports[job_id] = total
-        return done
+    def _over(self, reports: dict[int, tuple[int, bool]], done: dict[int, int],
+              failed: dict[int, int]) -> dict[bool, list[int]]:
+        """Jobs every rank has now reported, by whether any rank failed them (ranks may
+        report one job in different steps)."""
+        over: dict[bool, list[int]] = {False: [], True: []}
+        for bad_now, counts in ((False, done), (True, failed)):
+            for job_id, n in counts.items():
+                seen, bad = reports.pop(job_id, (0, False))
+                seen, bad = seen + n, bad or bad_now
+                if seen >= self._world:
+                    over[bad].append(job_id)
+                else:
+                    reports[job_id] = (seen, bad)
+        return over
 
     def request_finished(self, request: Request, block_ids: list[int]) -> dict[str, Any] | None:
         # A request aborted while its import (ours, or a sibling connector's) is still

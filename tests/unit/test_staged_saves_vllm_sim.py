@@ -164,3 +164,53 @@ def test_staged_save_stops_before_blocks_a_sibling_loads_into(tiny_model_dir, tm
         assert len(led._free_slots) + len(led._listed) == 32
     finally:
         sched.shutdown()
+
+
+@pytest.mark.parametrize("failed_first", [True, False])
+def test_a_save_one_rank_failed_is_not_published(tiny_model_dir, tmp_path, failed_first):
+    """Two tensor-parallel ranks report one save in different steps, one of them failed:
+    the pages are not published (the job's slots go back), whichever report comes first."""
+    from vllm import SamplingParams
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    from kvmkt_connector.connector.metadata import MarketplaceWorkerMetadata
+
+    cfg, sched, ours_sched = _staged_scheduler(tiny_model_dir, tmp_path, 12)
+    hash_fn = get_hash_fn_by_name(cfg.cache_config.prefix_caching_hash_algo)
+    init_none_hash(hash_fn)
+    hasher = get_request_block_hasher(BS, hash_fn)
+    ours_sched._world = 2  # (what a TP=2 engine's scheduler counts)
+    saves = []
+
+    def step():
+        so = sched.schedule()
+        saves.extend(so.kv_connector_metadata.saves)
+        ids = list(so.num_scheduled_tokens)
+        sched.update_from_output(so, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+            sampled_token_ids=[[7] for _ in ids]))
+
+    def report(**kw):
+        ours_sched.update_connector_output(
+            KVConnectorOutput(kv_connector_worker_meta=MarketplaceWorkerMetadata(**kw)))
+
+    try:
+        sched.add_request(Request("r1", list(range(1000, 1000 + 4 * BS + 1)),
+                                  SamplingParams(max_tokens=1, ignore_eos=True), None,
+                                  block_hasher=hasher))
+        while "r1" in sched.requests:
+            step()
+        step()  # the export is booked and its save sent
+        (job,) = saves
+        led = ours_sched._ledger
+        first, second = ({"saves_failed": {job.job_id: 1}}, {"saves_done": {job.job_id: 1}})
+        report(**(first if failed_first else second))
+        assert set(job.dst) <= set(led._listed)  # (staging: the slots are taken)
+        report(**(second if failed_first else first))
+        assert not set(job.dst) & set(led._listed), "a save one rank failed was published"
+        assert set(job.dst) <= set(led._free_slots)
+    finally:
+        sched.shutdown()
