@@ -34,13 +34,13 @@ from kvmkt_connector.connector.metadata import (
     MarketplaceHandshake,
     MarketplaceWorkerMetadata,
 )
+from kvmkt_connector.connector.neighbours import NeighbourCheck
 from kvmkt_connector.connector.offer_view import holder_readable
 from kvmkt_connector.connector.registry_link import RegistryLink
 from kvmkt_connector.connector.stats_gate import StatsGate
 from kvmkt_connector.hashing import BlockKeyer, KeyScope, PrefixKeys
 from kvmkt_connector.logs import get_logger, trace, trace_gc
 from kvmkt_connector.metrics import MarketplaceStats
-from kvmkt_connector.registry.client import PendingReply
 from kvmkt_connector.registry.paths import holder_dir, holder_file
 from kvmkt_connector.transport.descriptors import (
     GenerationsDescriptor,
@@ -113,9 +113,7 @@ class MarketplaceScheduler:
         self._keys: dict[str, PrefixKeys] = {}
         self._load_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
         self._save_reports: dict[int, tuple[int, bool]] = {}  # job -> (ranks, any failed)
-        self._warned_holders: set[int] = set()
-        self._next_neighbour_check = 0.0
-        self._holders_asked: tuple[int, PendingReply] | None = None  # (link epoch, reply)
+        self._neighbours = NeighbourCheck(self._link, self.stats, _NEIGHBOUR_CHECK_S)
         self._step_runs = True  # the last scheduled step computes tokens
         self._stats_gate = StatsGate()  # which step outputs may carry our stats
         ev = vllm_config.kv_events_config
@@ -194,7 +192,7 @@ class MarketplaceScheduler:
             self._start_exporting(ranks)
         if self._kv_events_on and self._import:
             self._start_events()
-        self._check_neighbours(wait=True)
+        self._neighbours.start(self._fp, self._namespace)
 
     def _start_exporting(self, ranks: list[MarketplaceHandshake]) -> None:
         rank_desc = [msgspec.msgpack.decode(h.descriptor, type=RankDescriptor) for h in ranks]
@@ -242,45 +240,6 @@ class MarketplaceScheduler:
 
     def take_events(self) -> list:
         return self._events.take_events() if self._events is not None else []
-
-    def _check_neighbours(self, wait: bool = False) -> None:
-        """Say once per holder why we do not share with it (the user's first question).
-        In vLLM's steps (not ``wait``) the question is posted, and its answer read in a
-        later step once it is in: waited for, a registry busy with a large publish held
-        the scheduler thread for up to 18 ms (session 11, GPU)."""
-        if wait:
-            self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
-            self._warn_about(self._link.call(lambda c: c.list_holders()))
-            return
-        if self._holders_asked is None:
-            self._next_neighbour_check = time.monotonic() + _NEIGHBOUR_CHECK_S
-            posted = self._link.call(lambda c: c.post_list_holders())
-            if posted is not None:
-                self._holders_asked = (self._link.epoch, posted)
-            return
-        epoch, pending = self._holders_asked
-        if epoch != self._link.epoch or not self._link.connected:
-            self._holders_asked = None  # (that connection is gone: ask again when due)
-        elif self._link.ready(pending):
-            self._holders_asked = None
-            reply = self._link.result(pending)
-            self._warn_about(reply.holders if reply is not None else None)
-
-    def _warn_about(self, holders: list | None) -> None:
-        for h in holders or ():
-            if h.namespace == self._namespace or h.holder_id in self._warned_holders:
-                continue
-            self._warned_holders.add(h.holder_id)
-            self.stats.count("fallback_incompatible")
-            try:
-                theirs = msgspec.msgpack.decode(h.fingerprint, type=CompatFingerprint)
-                diff = self._fp.describe_differences(theirs) if self._fp else "?"
-            except msgspec.DecodeError:
-                diff = "an unreadable fingerprint (other kvmkt version?)"
-            logger.warning(
-                "kvmkt: not sharing KV with %s (pid %d): not interchangeable: %s",
-                h.name, h.pid, diff,
-            )
 
     # ------------------------------------------------------------ per request
 
@@ -343,9 +302,8 @@ class MarketplaceScheduler:
         if self._ledger is not None:
             self._ledger.tick(scheduler_output)
         self._leases.sweep()
-        if self._fp is not None and (self._holders_asked is not None
-                                     or time.monotonic() >= self._next_neighbour_check):
-            self._check_neighbours()
+        if self._neighbours.due():
+            self._neighbours.check()
         saves = self._ledger.take_jobs() if self._ledger is not None else []
         self._step_runs = scheduler_output.total_num_scheduled_tokens > 0
         outputs = self._stats_gate.on_step(scheduler_output, self._step_runs)
