@@ -77,17 +77,10 @@ class BlockKeyer:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.namespace = bytes(namespace)
         self.block_size = block_size
-        self._roots: dict[KeyScope, bytes] = {}  # (every request asks: most share a scope)
 
     def root(self, scope: KeyScope) -> bytes:
-        root = self._roots.get(scope)
-        if root is None:
-            header = msgspec.msgpack.encode((self.namespace, self.block_size, scope))
-            root = hashlib.sha256(_DOMAIN + header).digest()
-            if len(self._roots) >= 256:  # (salts and LoRAs may be many)
-                self._roots.clear()
-            self._roots[scope] = root
-        return root
+        header = msgspec.msgpack.encode((self.namespace, self.block_size, scope))
+        return hashlib.sha256(_DOMAIN + header).digest()
 
     def start(self, scope: KeyScope) -> PrefixKeys:
         return PrefixKeys(self.root(scope), self.block_size)

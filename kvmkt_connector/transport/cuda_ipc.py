@@ -100,8 +100,6 @@ class CudaIpcImporter:
         # (holder's handles, segments) -> (their mapped bases, segment table); rebuilt when
         # a handle is mapped again at another address
         self._seg_tables: dict[tuple, tuple[list[int], SegmentTable]] = {}
-        self._last_desc: CudaIpcDescriptor | None = None  # (kept alive: see _segment_table)
-        self._last_key: tuple = ()
         self._inflight: list[tuple[torch.cuda.Event, list[bytes], Any]] = []
         self._next_sweep = 0.0
         self._copier = PageCopier(layout.device, **launch)
@@ -124,16 +122,12 @@ class CudaIpcImporter:
         return bases
 
     def _segment_table(self, desc: CudaIpcDescriptor) -> SegmentTable:
-        if desc is self._last_desc:  # (every load from a holder passes the same decoded
-            key = self._last_key  # descriptor: its per-segment checks and key are kept)
-        else:
-            if len(desc.segments) != len(self._local_bytes) or any(
-                r.nbytes != n for r, n in zip(desc.segments, self._local_bytes, strict=True)
-            ):
-                raise TransferError("holder's KV segments differ from ours")
-            key = (tuple(desc.handles), tuple(desc.segments))
-            self._last_desc, self._last_key = desc, key
+        if len(desc.segments) != len(self._local_bytes) or any(
+            r.nbytes != n for r, n in zip(desc.segments, self._local_bytes, strict=True)
+        ):
+            raise TransferError("holder's KV segments differ from ours")
         bases = self._bases(desc)
+        key = (tuple(desc.handles), tuple(desc.segments))
         cached = self._seg_tables.get(key)
         if cached is not None and cached[0] == bases:
             return cached[1]

@@ -99,8 +99,6 @@ class PageCopier:
         self._pages_kernel = cu.compile_kernel("page_copy.cu", "kvmkt_copy_pages", arch, defines)
         self._threads = threads
         self._max_grid = torch.cuda.get_device_properties(device).multi_processor_count * blocks_per_sm
-        self._param: LaunchParameter | None = None
-        self._param_shape: tuple = ()
 
     @staticmethod
     def block_ids(src: Sequence[int], dst: Sequence[int], src_limit: int, dst_limit: int) -> np.ndarray:
@@ -133,11 +131,7 @@ class PageCopier:
         if not n_blocks or not table.num_segments:
             return
         current = torch.cuda.current_stream(self.device)
-        shape = (chunk, table.num_segments, page_bytes, table.on_device.data_ptr())
-        param = self._param
-        if param is None or self._param_shape != shape:  # (the driver copies it at each
-            param = self._param = LaunchParameter(*shape)  # launch: one buffer serves all)
-            self._param_shape = shape
+        param = LaunchParameter(chunk, table.num_segments, page_bytes, table.on_device.data_ptr())
         for start in range(0, n_blocks, chunk):
             k = param.fill(ids[0, start : start + chunk], ids[1, start : start + chunk])
             try:  # the driver copies the parameter during the call: the next chunk may overwrite it

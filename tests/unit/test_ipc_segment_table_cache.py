@@ -1,5 +1,5 @@
-"""Review 6: CudaIpcImporter._segment_table's cached descriptor (commit ca3d074) and
-PageCopier's shared LaunchParameter, on the CPU (fake driver calls, no GPU).
+"""Review 6: CudaIpcImporter._segment_table and PageCopier's launch parameters, on the CPU
+(fake driver calls, no GPU).
 
 - the same decoded descriptor, its handle closed by the sweep and re-opened at another
   address: the table is rebuilt from the new bases (never the stale one);
@@ -60,7 +60,6 @@ def importer(monkeypatch):
     imp._local_start, imp._local_stride, imp._local_bytes = [0, 0], [64, 64], [32, 32]
     imp._page_bytes = 32
     imp._mapped, imp._seg_tables = {}, {}
-    imp._last_desc, imp._last_key = None, ()
     imp._inflight, imp._next_sweep = [], 0.0
     imp._lock = threading.RLock()
     imp._stop = threading.Event()
@@ -108,8 +107,7 @@ def test_equal_distinct_descriptors_and_bad_ones(importer):
     for _ in range(2):
         with pytest.raises(TransferError):
             imp._segment_table(bad)
-    assert imp._segment_table(d1) is a  # the refused one did not become "last"
-    assert imp._last_desc is d1
+    assert imp._segment_table(d1) is a  # a refused one changes nothing
 
 
 def test_shared_launch_parameter_follows_each_table(fake_cuda):  # noqa: F811
