@@ -50,12 +50,25 @@ def _staged_scheduler(tiny_model_dir, tmp_path, nblocks, sibling=False):
     return cfg, sched, ours_sched
 
 
+def _step(sched, saves):
+    """One step with a made-up output (no worker reports); its save jobs go to ``saves``."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    so = sched.schedule()
+    saves.extend(so.kv_connector_metadata.saves)
+    ids = list(so.num_scheduled_tokens)
+    sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
+    sched.update_from_output(so, ModelRunnerOutput(
+        req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=sampled))
+    return so
+
+
 @pytest.mark.parametrize("how", ["admitted", "decode_growth"])
 def test_staged_save_survives_blocks_the_forward_writes(tiny_model_dir, tmp_path, how):
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import ModelRunnerOutput
     from vllm.v1.request import Request
 
     nblocks = 12  # 11 usable
@@ -66,14 +79,7 @@ def test_staged_save_survives_blocks_the_forward_writes(tiny_model_dir, tmp_path
     saves = []
 
     def step():
-        so = sched.schedule()
-        saves.extend(so.kv_connector_metadata.saves)
-        ids = list(so.num_scheduled_tokens)
-        sampled = [[] if sched.requests[r].is_prefill_chunk else [7] for r in ids]
-        sched.update_from_output(so, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=sampled))
-        return so
+        return _step(sched, saves)
 
     def req(rid, first, n, max_tokens=1):
         return Request(rid, list(range(first, first + n)),
@@ -176,7 +182,7 @@ def test_a_save_one_rank_failed_is_not_published(tiny_model_dir, tmp_path, faile
     from vllm import SamplingParams
     from vllm.utils.hashing import get_hash_fn_by_name
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
     from kvmkt_connector.connector.metadata import MarketplaceWorkerMetadata
@@ -189,12 +195,7 @@ def test_a_save_one_rank_failed_is_not_published(tiny_model_dir, tmp_path, faile
     saves = []
 
     def step():
-        so = sched.schedule()
-        saves.extend(so.kv_connector_metadata.saves)
-        ids = list(so.num_scheduled_tokens)
-        sched.update_from_output(so, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-            sampled_token_ids=[[7] for _ in ids]))
+        _step(sched, saves)
 
     def report(**kw):
         ours_sched.update_connector_output(
